@@ -99,7 +99,7 @@ class AttentionWriter:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        spec: StoreSpec,
+        spec: StoreSpec | None = None,
         *,
         run: Mapping[str, Any] | None = None,
         mode: WriteMode = "create",
@@ -108,15 +108,33 @@ class AttentionWriter:
         if max_queue < 1:
             raise WriterError(f"max_queue must be >= 1, got {max_queue}")
         self.path = Path(path)
-        self.spec = spec
+        self.run = dict(run or {})
+        self.mode: WriteMode = mode
+        _preflight(self.path, mode)  # path problems surface now, before any simulation runs
         self._state = _State()
-        self._group = _open_for_writing(self.path, spec, run, mode)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.spec: StoreSpec | None = None
+        if spec is not None:
+            self.start(spec)
+
+    def start(self, spec: StoreSpec) -> None:
+        """Create (or open for appending) the store for ``spec``; needed once before ``append``.
+
+        A recorder calls this at the first inference, when the token layout is known. Calling it
+        again with the same spec is a no-op; another spec is an error.
+        """
+        if self.spec is not None:
+            if spec != self.spec:
+                raise SchemaError(f"writer for {self.path} was started with another spec")
+            return
+        self._group = _open_for_writing(self.path, spec, self.run, self.mode)
+        self.spec = spec
         self._arrays = {name: arr for name, arr in self._group.arrays()}
         self._rows = int(self._arrays[S.EPISODE].shape[0])
         self._episode_rows = int(self._arrays[S.EPISODE_INDEX].shape[0])
         self._next_rollout = _committed_counts(self._arrays[S.EPISODE][:]) if self._rows else Counter()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._closed = False
         self._thread = threading.Thread(target=self._run, name="attnstore-writer", daemon=True)
         self._thread.start()
 
@@ -128,12 +146,16 @@ class AttentionWriter:
     def append(self, batch: InferenceBatch) -> None:
         """Queue one inference. Blocks only while the queue is full. Raises a previous thread error."""
         self._check_open()
+        if self.spec is None:
+            raise WriterError(f"writer for {self.path}: call start(spec) before append")
         _validate_batch(batch, self.spec)
         self._put(batch)
 
     def end_episode(self, record: EpisodeRecord) -> None:
         """Queue the episode's table row (after all its inferences). Marks the episode complete."""
         self._check_open()
+        if self.spec is None:
+            raise WriterError(f"writer for {self.path}: call start(spec) before end_episode")
         self._put(record)
 
     def flush(self) -> None:
@@ -146,6 +168,8 @@ class AttentionWriter:
         if self._closed:
             return self.stats
         self._closed = True
+        if self._thread is None:  # never started: nothing was written
+            return self.stats
         self._queue.put(_STOP)
         self._thread.join()
         self._raise_thread_error()
@@ -259,15 +283,34 @@ class AttentionWriter:
 
 
 # ---- store creation ----------------------------------------------------------------------------
+def _preflight(path: Path, mode: WriteMode) -> None:
+    """Refuse a bad path/mode before anything runs (nothing is written here)."""
+    if mode not in ("create", "overwrite", "append"):
+        raise StoreError(f"unknown write mode '{mode}': use create, overwrite or append")
+    exists = _non_empty(path)
+    if mode == "append" and not exists:
+        raise StoreError(f"cannot append: {path} does not exist (use mode 'create')")
+    if mode == "create" and exists:
+        raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
+    if mode != "create" and exists:
+        _open_existing(path)  # never append to or delete anything that is not an attnstore store
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"cannot write {path}: {parent} is not writable")
+
+
+def _non_empty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def _open_for_writing(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, mode: WriteMode):
     import zarr
 
-    if mode not in ("create", "overwrite", "append"):
-        raise StoreError(f"unknown write mode '{mode}': use create, overwrite or append")
-    exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    _preflight(path, mode)
+    exists = _non_empty(path)
     if mode == "append":
-        if not exists:
-            raise StoreError(f"cannot append: {path} does not exist (use mode 'create')")
         group = _open_existing(path)
         stored, _ = S.read_root_attrs(group.attrs, str(path))
         if stored != spec:
@@ -282,12 +325,7 @@ def _open_for_writing(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None
         info["status"] = "writing"
         group.attrs[S.ROOT_ATTR] = info
         return group
-    if exists:
-        if mode == "create":
-            raise StoreError(
-                f"{path} already exists: choose a fresh output path, or overwrite it explicitly"
-            )
-        _open_existing(path)  # refuses to delete anything that is not an attnstore store
+    if exists:  # mode == "overwrite", and _preflight checked it is an attnstore store
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
