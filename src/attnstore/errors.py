@@ -26,3 +26,11 @@ class CaptureError(AttnStoreError):
 
 class WriterError(AttnStoreError):
     """The background writer failed (disk full, bad data); raised on the caller's next call."""
+
+
+class EvalConfigError(AttnStoreError):
+    """An ``attnstore eval`` setting that cannot work (bad ``--attention.*`` value, task suite, policy path)."""
+
+
+class SelectionError(AttnStoreError):
+    """A requested slice that is not in the store (episode, env step, layer, denoise step, camera, ...)."""

@@ -54,6 +54,9 @@ PREFIX_LAYER = "prefix_layer"
 PREFIX_QUERY = "prefix_query"
 PREFIX_KEY = "prefix_key"
 EPISODE_INDEX = "episode_index"
+# dims of analysis results (readers/analysis.py); camera grids reuse PATCH_ROW / PATCH_COL as dims
+REGION = "region"  # region_shares: each camera slot, "language", "action"
+RANK = "rank"  # top_k_patches: 1 = most attended
 
 # ---- variables -------------------------------------------------------------------------------
 ATTENTION = "attention"

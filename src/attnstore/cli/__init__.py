@@ -70,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("attnstore: interrupted; everything committed so far stays readable", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `attnstore inspect ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

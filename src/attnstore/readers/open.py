@@ -113,10 +113,25 @@ def _open_uneven(path: Path, chunks: Any) -> xr.Dataset:
     coord_names: set[str] = set()
     for name, arr in arrays.items():
         index = tuple(slice(0, lengths[d]) if d in lengths else slice(None) for d in dims[name])
-        data = da.from_zarr(arr, chunks=arr.chunks if chunks is None else chunks)[index]
+        data = da.from_zarr(arr, chunks=_dask_chunks(dims[name], arr.chunks, chunks))[index]
         variables[name] = xr.Variable(dims[name], data, attrs=dict(arr.attrs))
         coord_names.update(str(arr.attrs.get("coordinates", "")).split())
     for var in variables.values():
         var.attrs.pop("coordinates", None)
     ds = xr.Dataset(variables)
     return ds.set_coords([c for c in coord_names | set(ds.dims) if c in ds.variables])
+
+
+def _dask_chunks(dims: tuple[str, ...], store_chunks: tuple[int, ...], chunks: Any) -> Any:
+    """Dask chunks of one array: the store's own, overridden per dimension name by a ``chunks`` dict.
+
+    >>> _dask_chunks(("inference", "key"), (1, 59), {"inference": 4})
+    (4, 59)
+    >>> _dask_chunks(("inference", "key"), (1, 59), None)
+    (1, 59)
+    """
+    if chunks is None:
+        return tuple(store_chunks)
+    if isinstance(chunks, dict):
+        return tuple(chunks.get(d, c) for d, c in zip(dims, store_chunks))
+    return chunks  # "auto", an int, ...: dask's own meaning

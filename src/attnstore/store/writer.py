@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from attnstore import schema as S
-from attnstore.errors import SchemaError, StoreError, WriterError
+from attnstore.errors import AttnStoreError, SchemaError, StoreError, WriterError
 from attnstore.schema import EpisodeRecord, StoreSpec
 
 WriteMode = Literal["create", "overwrite", "append"]
@@ -143,6 +144,11 @@ class AttentionWriter:
     def stats(self) -> WriterStats:
         return self._state.stats
 
+    @property
+    def pending(self) -> int:
+        """Items handed over and not yet fully written (queued or being written); their arrays are in use."""
+        return self._queue.unfinished_tasks
+
     def append(self, batch: InferenceBatch) -> None:
         """Queue one inference. Blocks only while the queue is full. Raises a previous thread error."""
         self._check_open()
@@ -170,10 +176,13 @@ class AttentionWriter:
         self._closed = True
         if self._thread is None:  # never started: nothing was written
             return self.stats
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._raise_thread_error()
-        _finish_store(self.path, self._group, status)
+        try:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._raise_thread_error()
+            _finish_store(self.path, self._group, status)
+        finally:
+            _release_lock(self.path)
         self.stats.store_bytes = directory_bytes(self.path)
         return self.stats
 
@@ -232,6 +241,7 @@ class AttentionWriter:
             return
         n0, n = self._rows, self._rows + rows.size
         episodes = _np(batch.episodes).astype(np.int64)[rows]
+        env_steps = _np(batch.env_steps).astype(np.int32)[rows]
         rollouts = np.empty(rows.size, np.int32)
         for i, ep in enumerate(episodes):
             rollouts[i] = self._next_rollout[int(ep)]
@@ -251,7 +261,11 @@ class AttentionWriter:
         for name, (value, dtype) in optional.items():
             if name in self._arrays:
                 data[name] = _np(value, dtype)[rows]
-        data[S.ENV_STEP] = _np(batch.env_steps).astype(np.int32)[rows]
+        if self.spec.encoding == "uint16":  # checked before anything is resized: nothing half-written
+            for name in (S.ATTENTION, S.PREFIX_ATTENTION):
+                if name in data:
+                    _check_finite(name, data[name], episodes, env_steps)
+        data[S.ENV_STEP] = env_steps
         data[S.ROLLOUT] = rollouts
 
         for name in (*data, S.EPISODE):
@@ -294,6 +308,7 @@ def _preflight(path: Path, mode: WriteMode) -> None:
         raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
     if mode != "create" and exists:
         _open_existing(path)  # never append to or delete anything that is not an attnstore store
+        _refuse_if_locked(path)  # nor one another writer is writing
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -306,10 +321,25 @@ def _non_empty(path: Path) -> bool:
 
 
 def _open_for_writing(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, mode: WriteMode):
+    _preflight(path, mode)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _acquire_lock(path)  # before anything is touched (or deleted): one writer per store
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        return _prepare_store(path, spec, run, mode)
+    except BaseException:
+        _release_lock(path)
+        raise
+
+
+def _prepare_store(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, mode: WriteMode):
     import zarr
 
-    _preflight(path, mode)
     exists = _non_empty(path)
+    if mode == "create" and exists:  # appeared since the preflight
+        raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
     if mode == "append":
         group = _open_existing(path)
         stored, _ = S.read_root_attrs(group.attrs, str(path))
@@ -335,6 +365,79 @@ def _open_for_writing(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None
     except OSError as exc:
         raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
     return group
+
+
+# ---- one writer per store ----------------------------------------------------------------------
+# Two writers appending to one store would both write row n (and the shared index chunks): rows are
+# lost without an error. A lock file beside the store (``attention.zarr.lock``; inside it, zarr would
+# warn about a foreign object on every open) names the writing process; a lock whose process is
+# gone (a killed run) is taken over, so a killed eval can be resumed with mode "append".
+def lock_path(path: Path) -> Path:
+    """The writer lock of the store at ``path``.
+
+    >>> lock_path(Path("out/attention.zarr")).as_posix()
+    'out/attention.zarr.lock'
+    """
+    return path.with_name(path.name + ".lock")
+
+
+def _lock_owner(path: Path) -> dict[str, Any] | None:
+    """Who holds the store's writer lock, or None when nobody does (no lock, or its process is gone)."""
+    try:
+        owner = json.loads(lock_path(path).read_text())
+        pid = int(owner["pid"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # empty or garbled: its writer died while creating it
+    if owner.get("host") != socket.gethostname():
+        return owner  # another machine's process cannot be checked from here: assume it runs
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return owner
+
+
+def _locked_message(path: Path, owner: Mapping[str, Any]) -> str:
+    return (
+        f"{path} is being written by another writer (pid {owner.get('pid')} on {owner.get('host')}): "
+        f"write each process to its own store, or wait for it to finish; if no writer runs, delete {lock_path(path)}"
+    )
+
+
+def _refuse_if_locked(path: Path) -> None:
+    owner = _lock_owner(path)
+    if owner is not None:
+        raise StoreError(_locked_message(path, owner))
+
+
+def _acquire_lock(path: Path) -> None:
+    lock = lock_path(path)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _refuse_if_locked(path)
+            lock.unlink(missing_ok=True)  # its writer is gone: take over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        return
+    raise StoreError(f"cannot lock {path} for writing: another writer keeps taking it; run one writer per store")
+
+
+def _release_lock(path: Path) -> None:
+    lock = lock_path(path)
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _open_existing(path: Path):
@@ -522,8 +625,22 @@ def _committed_counts(episodes: np.ndarray) -> Counter:
     return Counter(int(e) for e in episodes if e != S.UNCOMMITTED)
 
 
+def _check_finite(name: str, values: np.ndarray, episodes: np.ndarray, env_steps: np.ndarray) -> None:
+    """uint16 has no NaN: refuse non-finite probabilities (an fp16 overflow) rather than store garbage."""
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SchemaError(
+            f"{name} of the inference at env step {env_steps[i]} of episode {episodes[i]} has non-finite values "
+            f"(NaN/inf), which the uint16 encoding cannot store: run the policy in float32/bfloat16 instead of "
+            f"float16, or capture with encoding float32 to keep them"
+        )
+
+
 def _describe_failure(exc: BaseException, path: Path, rows: int) -> str:
     kept = f"the {rows} inferences committed before stay readable"
+    if isinstance(exc, AttnStoreError):  # already one line that says what to do
+        return f"{exc}; {kept}"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"disk full while writing {path}: free space and re-run; {kept}"
     if isinstance(exc, OSError):
