@@ -21,7 +21,8 @@ from attnstore import schema as S
 from attnstore.errors import SchemaError, StoreError, WriterError
 from attnstore.readers.open import open_attention
 from attnstore.schema import EpisodeRecord, StoreSpec
-from attnstore.store.writer import AttentionWriter, InferenceBatch, lock_path
+from attnstore.store.lock import lock_path
+from attnstore.store.writer import AttentionWriter, InferenceBatch
 from synthetic import make_spec, synthetic_batch
 
 # ---- a small Pi0.5-shaped layout ------------------------------------------------------------------

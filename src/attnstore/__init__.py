@@ -21,7 +21,16 @@ _LAZY = {
     "load_policy": "attnstore.capture.policy",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "AttentionRecorder",
+    "AttentionWriter",
+    "EpisodeRecord",
+    "InferenceBatch",
+    "StoreSpec",
+    "TokenLayout",
+    "load_policy",
+    "open_attention",
+]
 
 if TYPE_CHECKING:
     from attnstore.capture.policy import load_policy

@@ -13,27 +13,24 @@ uncommitted ones invisible (their ``episode`` reads as the fill value -1).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import queue
-import shutil
-import socket
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from attnstore import schema as S
-from attnstore.errors import AttnStoreError, SchemaError, StoreError, WriterError
+from attnstore.errors import AttnStoreError, SchemaError, WriterError
 from attnstore.schema import EpisodeRecord, StoreSpec
+from attnstore.store.create import WriteMode, finish_store, open_for_writing, preflight
+from attnstore.store.lock import release_lock
 
-WriteMode = Literal["create", "overwrite", "append"]
 
 
 @dataclass
@@ -111,7 +108,7 @@ class AttentionWriter:
         self.path = Path(path)
         self.run = dict(run or {})
         self.mode: WriteMode = mode
-        _preflight(self.path, mode)  # path problems surface now, before any simulation runs
+        preflight(self.path, mode)  # path problems surface now, before any simulation runs
         self._state = _State()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._closed = False
@@ -130,7 +127,7 @@ class AttentionWriter:
             if spec != self.spec:
                 raise SchemaError(f"writer for {self.path} was started with another spec")
             return
-        self._group = _open_for_writing(self.path, spec, self.run, self.mode)
+        self._group = open_for_writing(self.path, spec, self.run, self.mode)
         self.spec = spec
         self._arrays = {name: arr for name, arr in self._group.arrays()}
         self._rows = int(self._arrays[S.EPISODE].shape[0])
@@ -180,9 +177,9 @@ class AttentionWriter:
             self._queue.put(_STOP)
             self._thread.join()
             self._raise_thread_error()
-            _finish_store(self.path, self._group, status)
+            finish_store(self.path, self._group, status)
         finally:
-            _release_lock(self.path)
+            release_lock(self.path)
         self.stats.store_bytes = directory_bytes(self.path)
         return self.stats
 
@@ -294,278 +291,6 @@ class AttentionWriter:
         self._arrays[S.EPISODE_INDEX][i] = int(record.episode)  # commit marker last
         self._episode_rows = i + 1
         self.stats.episodes += 1
-
-
-# ---- store creation ----------------------------------------------------------------------------
-def _preflight(path: Path, mode: WriteMode) -> None:
-    """Refuse a bad path/mode before anything runs (nothing is written here)."""
-    if mode not in ("create", "overwrite", "append"):
-        raise StoreError(f"unknown write mode '{mode}': use create, overwrite or append")
-    exists = _non_empty(path)
-    if mode == "append" and not exists:
-        raise StoreError(f"cannot append: {path} does not exist (use mode 'create')")
-    if mode == "create" and exists:
-        raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
-    if mode != "create" and exists:
-        _open_existing(path)  # never append to or delete anything that is not an attnstore store
-        _refuse_if_locked(path)  # nor one another writer is writing
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"cannot write {path}: {parent} is not writable")
-
-
-def _non_empty(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def _open_for_writing(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, mode: WriteMode):
-    _preflight(path, mode)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _acquire_lock(path)  # before anything is touched (or deleted): one writer per store
-    except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        return _prepare_store(path, spec, run, mode)
-    except BaseException:
-        _release_lock(path)
-        raise
-
-
-def _prepare_store(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, mode: WriteMode):
-    import zarr
-
-    exists = _non_empty(path)
-    if mode == "create" and exists:  # appeared since the preflight
-        raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
-    if mode == "append":
-        group = _open_existing(path)
-        stored, _ = S.read_root_attrs(group.attrs, str(path))
-        if stored != spec:
-            raise StoreError(
-                f"cannot append to {path}: it was written with another capture spec "
-                f"(layers {stored.layers}, denoise {stored.denoise_steps}, encoding {stored.encoding}); "
-                f"write to a new store instead"
-            )
-        _drop_consolidated_metadata(path)
-        group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        info = dict(group.attrs[S.ROOT_ATTR])
-        info["status"] = "writing"
-        group.attrs[S.ROOT_ATTR] = info
-        return group
-    if exists:  # mode == "overwrite", and _preflight checked it is an attnstore store
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        group.attrs.update(S.root_attrs(spec, run, status="writing"))
-        _create_arrays(group, spec)
-    except OSError as exc:
-        raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
-    return group
-
-
-# ---- one writer per store ----------------------------------------------------------------------
-# Two writers appending to one store would both write row n (and the shared index chunks): rows are
-# lost without an error. A lock file beside the store (``attention.zarr.lock``; inside it, zarr would
-# warn about a foreign object on every open) names the writing process; a lock whose process is
-# gone (a killed run) is taken over, so a killed eval can be resumed with mode "append".
-def lock_path(path: Path) -> Path:
-    """The writer lock of the store at ``path``.
-
-    >>> lock_path(Path("out/attention.zarr")).as_posix()
-    'out/attention.zarr.lock'
-    """
-    return path.with_name(path.name + ".lock")
-
-
-def _lock_owner(path: Path) -> dict[str, Any] | None:
-    """Who holds the store's writer lock, or None when nobody does (no lock, or its process is gone)."""
-    try:
-        owner = json.loads(lock_path(path).read_text())
-        pid = int(owner["pid"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # empty or garbled: its writer died while creating it
-    if owner.get("host") != socket.gethostname():
-        return owner  # another machine's process cannot be checked from here: assume it runs
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return owner
-
-
-def _locked_message(path: Path, owner: Mapping[str, Any]) -> str:
-    return (
-        f"{path} is being written by another writer (pid {owner.get('pid')} on {owner.get('host')}): "
-        f"write each process to its own store, or wait for it to finish; if no writer runs, delete {lock_path(path)}"
-    )
-
-
-def _refuse_if_locked(path: Path) -> None:
-    owner = _lock_owner(path)
-    if owner is not None:
-        raise StoreError(_locked_message(path, owner))
-
-
-def _acquire_lock(path: Path) -> None:
-    lock = lock_path(path)
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _refuse_if_locked(path)
-            lock.unlink(missing_ok=True)  # its writer is gone: take over
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
-        return
-    raise StoreError(f"cannot lock {path} for writing: another writer keeps taking it; run one writer per store")
-
-
-def _release_lock(path: Path) -> None:
-    lock = lock_path(path)
-    try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def _open_existing(path: Path):
-    """Open an existing attnstore store or raise a one-line StoreError / SchemaError."""
-    import zarr
-
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path} exists but is not a zarr v3 store (no zarr.json); refusing to touch it")
-    try:
-        group = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    except Exception as exc:
-        raise StoreError(f"{path} is not a readable zarr group: {exc}") from exc
-    S.read_root_attrs(group.attrs, str(path))
-    return group
-
-
-def _create_arrays(group, spec: StoreSpec) -> None:
-    lay = spec.layout
-    D, L, H, Q, K = spec.attention_shape_per_inference
-    inference_coords = " ".join(S.INFERENCE_COORDS)
-
-    def array(name, shape, dims, dtype, *, chunks=None, fill=0, coords="", codecs=None, attrs=None):
-        kwargs = codecs if codecs is not None else {"compressors": S.default_compressors(np.dtype(dtype).itemsize if dtype is not str else 1)}
-        arr = group.create_array(
-            name,
-            shape=shape,
-            chunks=chunks or shape,
-            dtype=dtype,
-            fill_value=fill,
-            dimension_names=list(dims),
-            **kwargs,
-        )
-        merged = dict(attrs or {})
-        if coords:
-            merged["coordinates"] = coords
-        if merged:
-            arr.attrs.update(merged)
-        return arr
-
-    def static(name, dims, values, attrs=None):
-        values = np.asarray(values)
-        dtype = str if values.dtype.kind in "UO" else values.dtype
-        arr = array(name, values.shape, dims, dtype, fill="" if dtype is str else 0, attrs=attrs)
-        arr[...] = values
-        return arr
-
-    # static coordinates
-    static(S.DENOISE, [S.DENOISE], np.asarray(spec.denoise_steps, np.int16))
-    static(S.TIME, [S.DENOISE], np.asarray(spec.times, np.float32), {"long_name": "flow-matching time t"})
-    static(S.LAYER, [S.LAYER], np.asarray(spec.layers, np.int16), {"long_name": "action-expert layer index"})
-    static(S.HEAD, [S.HEAD], np.arange(H, dtype=np.int16))
-    static(S.QUERY, [S.QUERY], np.arange(Q, dtype=np.int16), {"long_name": "action token"})
-    for name, values in lay.key_coords().items():
-        static(name, [S.KEY], values)
-
-    key_coords = " ".join(S.KEY_COORDS)
-    per_row = dict(coords=inference_coords)
-    # index coordinates (small, many rows per chunk; the episode column is the commit marker)
-    array(S.EPISODE, (0,), [S.INFERENCE], np.int64, chunks=(S.INDEX_CHUNK,), fill=S.UNCOMMITTED)
-    array(S.ROLLOUT, (0,), [S.INFERENCE], np.int32, chunks=(S.INDEX_CHUNK,), fill=S.UNCOMMITTED)
-    array(S.ENV_STEP, (0,), [S.INFERENCE], np.int32, chunks=(S.INDEX_CHUNK,), fill=S.UNCOMMITTED)
-    array(
-        S.ATTENTION,
-        (0, D, L, H, Q, K),
-        [S.INFERENCE, S.DENOISE, S.LAYER, S.HEAD, S.QUERY, S.KEY],
-        np.float32,
-        chunks=(1, D, L, H, Q, K),
-        coords=f"{inference_coords} {S.TIME} {key_coords}",
-        codecs=S.attention_codecs(spec.encoding),
-        attrs={"long_name": "action-token attention probabilities", "encoding": spec.encoding},
-    )
-    array(S.KEY_VALID, (0, K), [S.INFERENCE, S.KEY], bool, chunks=(1, K), fill=False,
-          coords=f"{inference_coords} {key_coords}")
-    if spec.store_language_tokens and lay.num_language:
-        N = lay.num_language
-        static(S.LANGUAGE_TOKEN, [S.LANGUAGE_TOKEN], np.arange(N, dtype=np.int16))
-        array(S.LANGUAGE_TOKEN_ID, (0, N), [S.INFERENCE, S.LANGUAGE_TOKEN], np.int32, chunks=(1, N),
-              fill=S.LANGUAGE_PAD_ID, **per_row)
-        array(S.LANGUAGE_TOKEN_TEXT, (0, N), [S.INFERENCE, S.LANGUAGE_TOKEN], str, chunks=(1, N),
-              fill="", **per_row)
-    if spec.image_shape is not None:
-        cams = [c for c, present in zip(lay.cameras, lay.camera_present) if present]
-        static(S.CAMERA, [S.CAMERA], np.asarray(cams, dtype=str))
-        h, w, c = spec.image_shape
-        array(S.IMAGES, (0, len(cams), h, w, c), [S.INFERENCE, S.CAMERA, S.HEIGHT, S.WIDTH, S.CHANNEL],
-              np.uint8, chunks=(1, len(cams), h, w, c), **per_row,
-              attrs={"long_name": "policy input images after lerobot's processors (upright, as the policy saw them)"})
-    if spec.action_shape is not None:
-        chunk, dim = spec.action_shape
-        array(S.ACTIONS, (0, chunk, dim), [S.INFERENCE, S.ACTION_STEP, S.ACTION_DIM], np.float32,
-              chunks=(1, chunk, dim), **per_row, attrs={"long_name": "predicted action chunk (policy output space)"})
-    if spec.prefix_layers:
-        PL, _, P, _ = spec.prefix_attention_shape_per_inference
-        static(S.PREFIX_LAYER, [S.PREFIX_LAYER], np.asarray(spec.prefix_layers, np.int16))
-        array(S.PREFIX_ATTENTION, (0, PL, H, P, P),
-              [S.INFERENCE, S.PREFIX_LAYER, S.HEAD, S.PREFIX_QUERY, S.PREFIX_KEY], np.float32,
-              chunks=(1, PL, H, P, P), codecs=S.attention_codecs(spec.encoding), **per_row,
-              attrs={"long_name": "VLM prefix self-attention probabilities"})
-
-    # per-episode table
-    ep_chunks = (1024,)
-    array(S.EPISODE_INDEX, (0,), [S.EPISODE_INDEX], np.int64, chunks=ep_chunks, fill=S.UNCOMMITTED)
-    array(S.TASK_GROUP, (0,), [S.EPISODE_INDEX], str, chunks=ep_chunks, fill="")
-    array(S.TASK_ID, (0,), [S.EPISODE_INDEX], np.int32, chunks=ep_chunks, fill=-1)
-    array(S.TASK, (0,), [S.EPISODE_INDEX], str, chunks=ep_chunks, fill="")
-    array(S.SUCCESS, (0,), [S.EPISODE_INDEX], bool, chunks=ep_chunks, fill=False)
-    array(S.NUM_ENV_STEPS, (0,), [S.EPISODE_INDEX], np.int32, chunks=ep_chunks, fill=0)
-
-
-def _finish_store(path: Path, group, status: str) -> None:
-    import zarr
-
-    info = dict(group.attrs[S.ROOT_ATTR])
-    info["status"] = status
-    group.attrs[S.ROOT_ATTR] = info
-    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": xarray reads it
-        warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
-
-
-def _drop_consolidated_metadata(path: Path) -> None:
-    """Consolidated metadata goes stale once arrays grow; remove it while appending."""
-    meta_path = path / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    if meta.pop("consolidated_metadata", None) is not None:
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
