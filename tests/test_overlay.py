@@ -14,25 +14,23 @@ import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import make_spec, synthetic_batch
 
 from attnstore import schema as S
 from attnstore.cli import main
-from attnstore.readers.overlay import (
+from attnstore.errors import SelectionError
+from attnstore.readers.overlay import OverlayOptions, camera_grids, write_overlays
+from attnstore.readers.render import (
     CMAP,
-    OverlayOptions,
-    camera_grids,
     panel_layout,
-    pick_cameras,
     render_heat,
     render_panel,
     upsample_grid,
-    write_overlays,
     zoom,
 )
-from attnstore.errors import SelectionError
+from attnstore.readers.selection import pick_cameras
 from attnstore.schema import EpisodeRecord
 from attnstore.store.writer import AttentionWriter
-from synthetic import make_spec, synthetic_batch
 
 PATCH = 14  # SigLIP patch size in pixels at 224 px
 

@@ -15,7 +15,13 @@ that kept its ``key`` coordinates), keep every leading dim the caller kept, and 
 from __future__ import annotations
 
 from attnstore.readers.aggregate import aggregate, reduce_dim
-from attnstore.readers.regions import action_to_visual, camera_keys, entropy, region_shares, top_k_patches
+from attnstore.readers.regions import (
+    action_to_visual,
+    camera_keys,
+    entropy,
+    region_shares,
+    top_k_patches,
+)
 from attnstore.readers.rollout import attention_rollout
 
 __all__ = [

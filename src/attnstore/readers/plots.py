@@ -22,7 +22,7 @@ import xarray as xr
 
 from attnstore import schema as S
 from attnstore.errors import SelectionError
-from attnstore.readers.overlay import episode_outcome, episode_rows
+from attnstore.readers.selection import episode_outcome, episode_rows
 
 SHARE_LABEL = "share of action-token attention"
 ENTROPY_LABEL = "entropy over keys (bits)"

@@ -48,12 +48,12 @@ def write_mp4(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: f
                 if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                     raise StoreError(f"video frames must be uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
                 if stream is None:
-                    height, width = even_size(*frame.shape[:2])
+                    first_shape = frame.shape[:2]
+                    height, width = even_size(*first_shape)
                     stream = container.add_stream(CODEC, rate=Fraction(fps).limit_denominator(1000))
                     stream.width, stream.height, stream.pix_fmt = width, height, PIX_FMT
                 elif frame.shape[:2] != first_shape:
                     raise StoreError(f"video frame {count} is {frame.shape[:2]}, the first was {first_shape}")
-                first_shape = frame.shape[:2]
                 av_frame = av.VideoFrame.from_ndarray(
                     np.ascontiguousarray(frame[: stream.height, : stream.width]), format="rgb24"
                 )
