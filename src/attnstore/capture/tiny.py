@@ -1,0 +1,431 @@
+"""A tiny, random-weight Pi0.5 built through lerobot's own classes, for tests, CI and benchmarks.
+
+lerobot 0.6.1 accepts only the variant names ``gemma_2b`` / ``gemma_300m`` and hard-codes SigLIP's
+size, so a tiny model cannot be described by a config alone. :func:`tiny_model_patches` swaps two
+module globals of ``lerobot.policies.pi05.modeling_pi05`` (``get_gemma_config`` and
+``PaliGemmaForConditionalGenerationWithPiGemma``) while a policy is built, so lerobot's OWN code
+paths (``PI05Policy(config)``, ``PI05Policy.from_pretrained``, ``lerobot.policies.factory.make_policy``
+as used by lerobot-eval) build it small. Everything else (processors, normaliser, tokenizer step,
+attention code) is lerobot's unchanged.
+
+A tiny checkpoint is a normal ``--policy.path`` directory plus a marker file
+(:data:`MARKER_NAME`) holding its dims, so loaders know to rebuild it tiny. Without the patches,
+``from_pretrained`` on it would only warn and return a random FULL-SIZE model: :func:`check_weights_loaded`
+turns that trap into a one-line :class:`~attnstore.errors.CaptureError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnstore.errors import CaptureError
+
+MARKER_NAME = "attnstore_tiny.json"
+TOKENIZER_DIRNAME = "tokenizer"
+LIBERO_CAMERAS = ("image", "image2")
+IMAGE_KEY_PREFIX = "observation.images."
+LIBERO_STATE_DIM = 8
+LIBERO_ACTION_DIM = 7
+
+# Prompts the tiny tokenizer is trained on: LIBERO-like task text plus Pi0.5's state prompt format.
+_TOKENIZER_CORPUS = (
+    "Task: pick up the alphabet soup and place it in the basket, State: 12 128 255 0 77 3 200 64;\nAction: ",
+    "Task: put the bowl on the plate, State: 1 2 3 4 5 6 7 8 9 10 11 100 101 199 250;\nAction: ",
+    "Task: open the top drawer of the cabinet and put the bowl inside",
+    "Task: turn on the stove and put the moka pot on it",
+    "Task: pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "Task: put both the cream cheese box and the butter in the basket",
+    "Task: push the plate to the front of the stove; pick up the ketchup, tomato sauce, milk, orange juice",
+)
+
+
+@dataclass(frozen=True)
+class TinyDims:
+    """Sizes of the tiny Pi0.5. VLM and expert must share depth, head_dim and KV heads (lerobot's
+    joint attention concatenates their queries/keys); 8 heads are hard-coded in lerobot's reshapes.
+
+    >>> TinyDims().siglip_tokens_per_camera
+    256
+    >>> TinyDims(num_heads=4)
+    Traceback (most recent call last):
+    ...
+    attnstore.errors.CaptureError: tiny Pi0.5: num_heads must be 8 (lerobot reshapes attention to 8 heads), got 4
+    """
+
+    depth: int = 2
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 16
+    vlm_width: int = 64
+    vlm_mlp_dim: int = 128
+    expert_width: int = 32
+    expert_mlp_dim: int = 64
+    siglip_width: int = 32
+    siglip_mlp_dim: int = 64
+    siglip_layers: int = 1
+    siglip_heads: int = 2
+    image_size: int = 224
+    patch_size: int = 14
+
+    def __post_init__(self) -> None:
+        if self.num_heads != 8:
+            raise CaptureError(
+                f"tiny Pi0.5: num_heads must be 8 (lerobot reshapes attention to 8 heads), got {self.num_heads}"
+            )
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise CaptureError(f"tiny Pi0.5: {f.name} must be >= 1, got {getattr(self, f.name)}")
+        if self.image_size % self.patch_size:
+            raise CaptureError(
+                f"tiny Pi0.5: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.siglip_width % self.siglip_heads:
+            raise CaptureError(
+                f"tiny Pi0.5: siglip_width {self.siglip_width} not divisible by siglip_heads {self.siglip_heads}"
+            )
+
+    @property
+    def siglip_tokens_per_camera(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def gemma_config(self, variant: str):
+        """lerobot's ``GemmaConfig`` for a variant name, shrunk (``gemma_2b`` = VLM, ``gemma_300m`` = expert)."""
+        from lerobot.policies.pi05 import modeling_pi05
+
+        widths = {
+            "gemma_2b": (self.vlm_width, self.vlm_mlp_dim),
+            "gemma_300m": (self.expert_width, self.expert_mlp_dim),
+        }
+        if variant not in widths:
+            raise ValueError(f"Unknown variant: {variant}")
+        width, mlp_dim = widths[variant]
+        return modeling_pi05.GemmaConfig(
+            width=width,
+            depth=self.depth,
+            mlp_dim=mlp_dim,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TinyDims:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: int(v) for k, v in data.items() if k in names})
+
+
+# ---- detection --------------------------------------------------------------------------------
+def is_tiny_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory written by :func:`make_tiny_policy` (it holds the marker)."""
+    return (Path(path) / MARKER_NAME).is_file()
+
+
+def read_tiny_dims(path: str | os.PathLike[str]) -> TinyDims:
+    """The dims recorded in a tiny checkpoint's marker file."""
+    marker = Path(path) / MARKER_NAME
+    try:
+        data = json.loads(marker.read_text())
+        return TinyDims.from_dict(data["dims"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CaptureError(
+            f"{marker} is unreadable ({type(exc).__name__}: {exc}); rebuild it with "
+            f"'attnstore make-tiny-policy {Path(path)}'"
+        ) from exc
+
+
+# ---- patches --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tiny_model_patches(source: str | os.PathLike[str] | TinyDims | None = None) -> Iterator[TinyDims]:
+    """Make lerobot's own Pi0.5 building code build the tiny model while the context is open.
+
+    ``source`` is a tiny checkpoint directory (its marker's dims), a :class:`TinyDims`, or None
+    (default dims). Patches ``modeling_pi05.get_gemma_config`` and
+    ``modeling_pi05.PaliGemmaForConditionalGenerationWithPiGemma``; the originals are restored on
+    exit, also after an exception. Models built inside stay tiny after exit.
+    """
+    if source is None:
+        dims = TinyDims()
+    elif isinstance(source, TinyDims):
+        dims = source
+    else:
+        if not is_tiny_checkpoint(source):
+            raise CaptureError(f"{source} is not a tiny attnstore checkpoint (no {MARKER_NAME})")
+        dims = read_tiny_dims(source)
+
+    from lerobot.policies.pi05 import modeling_pi05
+
+    original_cfg = modeling_pi05.get_gemma_config
+    original_paligemma = modeling_pi05.PaliGemmaForConditionalGenerationWithPiGemma
+
+    def get_gemma_config(variant: str):
+        return dims.gemma_config(variant)
+
+    class TinySiglipPaliGemma(original_paligemma):
+        """lerobot's PaliGemma with a small SigLIP (same patch grid, so 256 tokens per camera)."""
+
+        def __init__(self, config):
+            vision = config.vision_config
+            vision.hidden_size = dims.siglip_width
+            vision.intermediate_size = dims.siglip_mlp_dim
+            vision.num_hidden_layers = dims.siglip_layers
+            vision.num_attention_heads = dims.siglip_heads
+            vision.patch_size = dims.patch_size
+            vision.image_size = dims.image_size
+            # the projector maps SigLIP features into the language model's width
+            vision.projection_dim = config.text_config.hidden_size
+            config.projection_dim = config.text_config.hidden_size
+            config.text_config.num_image_tokens = dims.siglip_tokens_per_camera
+            super().__init__(config)
+
+    TinySiglipPaliGemma.__name__ = original_paligemma.__name__
+    TinySiglipPaliGemma.__qualname__ = original_paligemma.__qualname__
+    modeling_pi05.get_gemma_config = get_gemma_config
+    modeling_pi05.PaliGemmaForConditionalGenerationWithPiGemma = TinySiglipPaliGemma
+    try:
+        yield dims
+    finally:
+        modeling_pi05.get_gemma_config = original_cfg
+        modeling_pi05.PaliGemmaForConditionalGenerationWithPiGemma = original_paligemma
+
+
+# ---- building -------------------------------------------------------------------------------------
+def make_tiny_policy(
+    directory: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    cameras: Sequence[str] = LIBERO_CAMERAS,
+    empty_cameras: int = 1,
+    dims: TinyDims | None = None,
+    n_action_steps: int = 10,
+) -> Path:
+    """Write a tiny random-weight Pi0.5 checkpoint to ``directory`` (a normal ``--policy.path``).
+
+    Defaults mirror the LIBERO Pi0.5 checkpoints: cameras ``observation.images.image`` and
+    ``observation.images.image2`` (3x256x256), one empty camera, state 8, action 7, chunk 50,
+    ``n_action_steps`` 10, 10 denoise steps, 200 language tokens, QUANTILES normalisation. The same
+    seed gives the same weights. Returns the directory.
+    """
+    cameras = tuple(cameras)
+    dims = dims or TinyDims()
+    out = Path(directory).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not is_tiny_checkpoint(out):
+        raise CaptureError(f"{out} exists and is not a tiny attnstore checkpoint; choose an empty directory")
+    config = tiny_config(cameras, empty_cameras=empty_cameras, dims=dims, n_action_steps=n_action_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = _write_tokenizer(out / TOKENIZER_DIRNAME)
+    policy = build_tiny_policy(config, seed=seed, dims=dims)
+    policy.save_pretrained(out)
+
+    stats = _libero_like_stats()
+    pre, post = _make_processors(policy.config, stats, tokenizer_dir)
+    pre.save_pretrained(out)
+    post.save_pretrained(out)
+    marker = {
+        "format": "attnstore.tiny_pi05",
+        "seed": int(seed),
+        "cameras": list(cameras),
+        "empty_cameras": int(empty_cameras),
+        "dims": dims.to_dict(),
+        "note": "random weights; load with attnstore.capture.load_policy or inside tiny_model_patches()",
+    }
+    (out / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+    return out
+
+
+def tiny_config(
+    cameras: Sequence[str] = LIBERO_CAMERAS,
+    *,
+    empty_cameras: int = 1,
+    dims: TinyDims | None = None,
+    n_action_steps: int = 10,
+):
+    """lerobot's ``PI05Config`` with LIBERO's features for the given camera names (CPU, float32)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.pi05.configuration_pi05 import PI05Config
+
+    cameras = tuple(cameras)
+    if not cameras:
+        raise CaptureError("tiny Pi0.5: at least one camera is needed")
+    if empty_cameras < 0:
+        raise CaptureError(f"tiny Pi0.5: empty_cameras must be >= 0, got {empty_cameras}")
+    dims = dims or TinyDims()
+    input_features = {
+        f"{IMAGE_KEY_PREFIX}{cam}": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 256, 256)) for cam in cameras
+    }
+    input_features["observation.state"] = PolicyFeature(type=FeatureType.STATE, shape=(LIBERO_STATE_DIM,))
+    return PI05Config(
+        input_features=input_features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(LIBERO_ACTION_DIM,))},
+        empty_cameras=empty_cameras,
+        chunk_size=50,
+        n_action_steps=n_action_steps,
+        num_inference_steps=10,
+        tokenizer_max_length=200,
+        image_resolution=(dims.image_size, dims.image_size),
+        device="cpu",
+        dtype="float32",
+        push_to_hub=False,
+    )
+
+
+def build_tiny_policy(config, *, seed: int = 0, dims: TinyDims | None = None):
+    """A tiny ``PI05Policy`` in memory (weights from ``seed``; the global RNG is left untouched)."""
+    import torch
+    from lerobot.policies.pi05.modeling_pi05 import PI05Policy
+
+    with torch.random.fork_rng(devices=[]), tiny_model_patches(dims or TinyDims()):
+        torch.manual_seed(seed)
+        policy = PI05Policy(config)
+    return policy.eval()
+
+
+def _write_tokenizer(directory: Path) -> Path:
+    """A small byte-level BPE tokenizer (offline stand-in for PaliGemma's), saved the HF way."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer=trainer)
+    bos = tok.token_to_id("<bos>")
+    # PaliGemma's tokenizer starts every prompt with <bos>; do the same
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def _libero_like_stats() -> dict[str, dict[str, Any]]:
+    """Made-up but plausible LIBERO normalisation stats (q01/q99 are what QUANTILES uses)."""
+    import torch
+
+    state_q01 = [-0.4, -0.3, 0.0, 1.5, -1.5, -0.5, 0.0, -0.04]
+    state_q99 = [0.2, 0.4, 1.3, 3.3, 1.5, 0.5, 0.04, 0.0]
+    action_q01 = [-0.9, -0.9, -0.9, -0.2, -0.3, -0.4, -1.0]
+    action_q99 = [0.9, 0.9, 0.9, 0.2, 0.3, 0.4, 1.0]
+
+    def entry(q01: list[float], q99: list[float]) -> dict[str, Any]:
+        lo, hi = torch.tensor(q01), torch.tensor(q99)
+        return {
+            "q01": lo,
+            "q99": hi,
+            "min": lo - 0.1,
+            "max": hi + 0.1,
+            "mean": (lo + hi) / 2,
+            "std": (hi - lo) / 4,
+        }
+
+    return {"observation.state": entry(state_q01, state_q99), "action": entry(action_q01, action_q99)}
+
+
+def _make_processors(config, stats, tokenizer_dir: Path):
+    """lerobot's Pi0.5 processors, with the tokenizer step pointed at the local tokenizer.
+
+    lerobot hard-codes ``google/paligemma-3b-pt-224`` (a hub download); the step is swapped for the
+    same class with the local path only while the pipelines are built.
+    """
+    from lerobot.policies import factory
+    from lerobot.policies.pi05 import processor_pi05
+
+    original = processor_pi05.TokenizerProcessorStep
+
+    def local_tokenizer_step(**kwargs):
+        kwargs["tokenizer_name"] = str(tokenizer_dir)
+        return original(**kwargs)
+
+    processor_pi05.TokenizerProcessorStep = local_tokenizer_step
+    try:
+        return factory.make_pre_post_processors(config, dataset_stats=stats)
+    finally:
+        processor_pi05.TokenizerProcessorStep = original
+
+
+# ---- weight check ------------------------------------------------------------------------------
+def check_weights_loaded(policy, checkpoint: str | os.PathLike[str]) -> None:
+    """Fail (one line) unless ``checkpoint``'s weights match ``policy``'s parameters key for key.
+
+    ``PI05Policy.from_pretrained`` only prints a warning when a checkpoint does not fit its model
+    and hands back random weights; this compares the safetensors' keys and shapes (after lerobot's
+    own key fixes) with the model's state_dict. Tied weights stored once count as present.
+    """
+    import logging
+
+    import torch
+    from safetensors import safe_open
+
+    file = _resolve_safetensors(checkpoint)
+    with safe_open(str(file), framework="pt") as handle:
+        stored = {k: torch.empty(tuple(handle.get_slice(k).get_shape()), device="meta") for k in handle.keys()}
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # lerobot's key fixer warns about keys it keeps unchanged
+    try:
+        fixed = policy._fix_pytorch_state_dict_keys(stored, policy.config)
+    finally:
+        logging.disable(previous)
+    stored_shapes = {(k if k.startswith("model.") else f"model.{k}"): tuple(v.shape) for k, v in fixed.items()}
+    state = policy.state_dict(keep_vars=True)
+    model_shapes = {k: tuple(v.shape) for k, v in state.items()}
+
+    missing = [k for k in model_shapes if k not in stored_shapes and not _tied_to_stored(k, state, stored_shapes)]
+    unexpected = [k for k in stored_shapes if k not in model_shapes]
+    mismatched = [
+        f"{k} {stored_shapes[k]} vs model {model_shapes[k]}"
+        for k in stored_shapes
+        if k in model_shapes and stored_shapes[k] != model_shapes[k]
+    ]
+    if missing or unexpected or mismatched:
+        examples = (mismatched or missing or unexpected)[:1]
+        hint = (
+            " (a tiny checkpoint loaded full-size? load it with attnstore's load_policy)"
+            if len(mismatched) > len(model_shapes) // 4
+            else ""
+        )
+        raise CaptureError(
+            f"checkpoint {checkpoint} does not match its config: {len(missing)} missing, "
+            f"{len(mismatched)} shape mismatches, {len(unexpected)} unexpected (e.g. {examples[0]}){hint}"
+        )
+
+
+def _tied_to_stored(key: str, state: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
+    """True when parameter ``key`` shares storage with a parameter the checkpoint holds."""
+    tensor = state[key]
+    ptr = tensor.data_ptr() if tensor.numel() else None
+    if ptr is None:
+        return False
+    return any(k in stored and k != key and v.data_ptr() == ptr for k, v in state.items())
+
+
+def _resolve_safetensors(checkpoint: str | os.PathLike[str]) -> Path:
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        file = path / "model.safetensors"
+        if not file.is_file():
+            raise CaptureError(f"{path} has no model.safetensors; is it a lerobot policy checkpoint?")
+        return file
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(str(checkpoint), "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one line
+        raise CaptureError(f"cannot find model.safetensors for {checkpoint}: {type(exc).__name__}") from exc
