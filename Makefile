@@ -41,5 +41,27 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not libero" $(PYTEST_ARGS)
 
+# make eval-attn TASK=libero_object [TASK_IDS='[0]'] [EPISODES=2] [BATCH=1] [POLICY=dir|hub id] [OUT=dir]
+#                [STEPS=episode length] [ASYNC=true|false] [ARGS='--attention.layers=all ...']
+# Without POLICY it uses the tiny random-weight Pi0.5, built once into $(TINY_POLICY).
+TASK ?= libero_object
+TASK_IDS ?= [0]
+EPISODES ?= 2
+BATCH ?= 1
+POLICY ?=
+TINY_POLICY ?= outputs/tiny_pi05
+OUT ?= outputs/eval/$(TASK)_$(EVAL_STAMP)
+EVAL_STAMP := $(shell date +%Y%m%d_%H%M%S)
+EVAL_POLICY = $(if $(POLICY),$(POLICY),$(TINY_POLICY))
+
+$(TINY_POLICY)/attnstore_tiny.json: | setup
+	$(VENV)/bin/attnstore make-tiny-policy $(TINY_POLICY)
+
+eval-attn: setup $(if $(POLICY),,$(TINY_POLICY)/attnstore_tiny.json)
+	$(VENV)/bin/attnstore eval --policy.path=$(EVAL_POLICY) --env.type=libero --env.task=$(TASK) \
+	  --env.task_ids='$(TASK_IDS)' --eval.n_episodes=$(EPISODES) --eval.batch_size=$(BATCH) \
+	  --output_dir=$(OUT) $(if $(STEPS),--env.episode_length=$(STEPS)) \
+	  $(if $(ASYNC),--eval.use_async_envs=$(ASYNC)) $(ARGS)
+
 clean-venv:
 	rm -rf "$(VENV)"

@@ -1,0 +1,43 @@
+"""``attnstore eval``: lerobot-eval with attention capture (every lerobot-eval flag, plus ``--attention.*``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+HELP = "run lerobot-eval (e.g. on LIBERO) and capture Pi0.5 attention into <output_dir>/attention.zarr"
+RAW_ARGV = True  # lerobot's flags pass through unparsed
+
+USAGE = """usage: attnstore eval --policy.path=DIR|HUB_ID|tiny --env.type=libero --env.task=SUITE [lerobot-eval flags]
+                      [--attention.FIELD=VALUE ...]
+
+Runs lerobot's own evaluation (rollouts, metrics, eval_info.json, videos) and records the action
+tokens' attention of every policy inference into a Zarr store, one row per inference.
+
+attention options (defaults in brackets):
+  --attention.layers=last:2|all|[16,17]     action-expert layers to record [last:2]
+  --attention.denoise_steps=all|final|[0,9] denoise steps to record [all]
+  --attention.episodes=[0,3]                episode indices to record (lerobot's numbering) [all]
+  --attention.prefix=false|true|[0,1]       also record the VLM prefix self-attention [false]
+  --attention.images=true|false             store the images the policy saw [true]
+  --attention.actions=true|false            store the predicted action chunks [true]
+  --attention.encoding=uint16|float32       uint16: max abs error 7.6e-6, ~4x smaller; float32: exact [uint16]
+  --attention.overwrite=true|false          replace an existing store at the same path [false]
+  --attention.store=PATH.zarr               where to write it [<output_dir>/attention.zarr]
+
+example (tiny offline policy, one short episode):
+  attnstore eval --policy.path=tiny --env.type=libero --env.task=libero_object --env.task_ids='[0]' \\
+      --eval.n_episodes=1 --eval.batch_size=1 --env.episode_length=40 --output_dir=outputs/eval_demo
+
+All other flags go to lerobot-eval unchanged; see 'lerobot-eval --help'."""
+
+
+def run(argv: Sequence[str]) -> int:
+    if not argv or "--help" in argv or "-h" in argv:
+        print(USAGE)
+        return 0 if argv else 2
+    from attnstore.evaluation.runner import run_eval
+
+    result = run_eval(list(argv))
+    print(result.summary(), file=sys.stdout, flush=True)
+    return 0

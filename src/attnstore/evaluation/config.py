@@ -1,0 +1,211 @@
+"""``--attention.*``: what ``attnstore eval`` captures, as one typed dataclass (lerobot style).
+
+Values arrive as draccus strings (``--attention.layers=[16,17]``) and are normalised once in
+``__post_init__`` into what :class:`attnstore.capture.recorder.AttentionRecorder` takes. Ranges that
+depend on the model (layer 17 of an 18-layer expert) are checked by the runner with the capture
+side's own parsers (:mod:`attnstore.capture.selection`), still before any simulation runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnstore.errors import EvalConfigError
+from attnstore.schema import ENCODINGS
+
+PREFIX = "--attention."
+Selection = str | tuple[int, ...]  # a keyword ("all", "last:2", "final") or explicit indices
+
+
+@dataclass
+class AttentionConfig:
+    """Capture settings of one evaluation (``--attention.<field>``).
+
+    The selection fields keep the text the user gave; ``__post_init__`` validates it and the
+    ``*_selection`` properties give the normalised form the recorder takes.
+
+    >>> cfg = AttentionConfig(layers="[16, 17]", denoise_steps="final", prefix="false")
+    >>> cfg.layer_selection, cfg.denoise_selection, cfg.prefix_selection
+    ((16, 17), 'final', False)
+    >>> AttentionConfig(prefix="last:1").prefix_selection
+    'last:1'
+    """
+
+    layers: str = "last:2"  # last:N | all | [16,17] (negative indices count from the end)
+    denoise_steps: str = "all"  # all | final | last:N | [0,9]
+    episodes: list[int] | None = None  # episode indices to record (lerobot's numbering); None = all
+    prefix: str = "false"  # VLM prefix self-attention: false | true (same layers) | last:N | all | [0,1]
+    images: bool = True  # store the images the policy saw
+    actions: bool = True  # store the predicted action chunks
+    encoding: str = "uint16"  # uint16 (max abs err 7.6e-6, ~4x smaller) | float32 (exact)
+    overwrite: bool = False  # replace an existing attention store at the same path
+    store: Path | None = None  # default: <output_dir>/attention.zarr
+
+    def __post_init__(self) -> None:
+        self.layer_selection  # noqa: B018 -- parse now so a typo fails before anything runs
+        self.denoise_selection  # noqa: B018
+        self.prefix_selection  # noqa: B018
+        if self.encoding not in ENCODINGS:
+            raise EvalConfigError(
+                f"--attention.encoding={self.encoding}: choose one of {', '.join(ENCODINGS)}"
+            )
+        if self.episodes is not None:
+            self.episodes = sorted({int(e) for e in self.episodes})
+            if any(e < 0 for e in self.episodes):
+                raise EvalConfigError(
+                    f"--attention.episodes={self.episodes}: episode indices start at 0 (lerobot's numbering)"
+                )
+        if self.store is not None:
+            self.store = Path(self.store)
+            if self.store.suffix != ".zarr":
+                raise EvalConfigError(
+                    f"--attention.store={self.store}: name the store folder '*.zarr' (e.g. out/attention.zarr)"
+                )
+
+    @property
+    def layer_selection(self) -> Selection:
+        return parse_selection(self.layers, "layers", keywords=("all",), last_n=True)
+
+    @property
+    def denoise_selection(self) -> Selection:
+        return parse_selection(self.denoise_steps, "denoise_steps", keywords=("all", "final"), last_n=True)
+
+    @property
+    def prefix_selection(self) -> bool | Selection:
+        return parse_prefix(self.prefix)
+
+    def store_path(self, output_dir: str | Path) -> Path:
+        """Where the store goes: ``--attention.store`` or ``<output_dir>/attention.zarr``."""
+        return self.store if self.store is not None else Path(output_dir) / "attention.zarr"
+
+    def records(self, episode: int) -> bool:
+        """Whether ``episode`` (lerobot's episode index) is recorded.
+
+        >>> AttentionConfig(episodes=[0, 3]).records(3), AttentionConfig(episodes=[0, 3]).records(1)
+        (True, False)
+        """
+        return self.episodes is None or episode in self.episodes
+
+
+def parse_selection(
+    value: str | Sequence[int], name: str, *, keywords: tuple[str, ...], last_n: bool = False
+) -> Selection:
+    """Normalise a layer / denoise-step selection: a keyword, ``last:N``, or a list of indices.
+
+    >>> parse_selection("[16,17]", "layers", keywords=("all",)), parse_selection("-1", "layers", keywords=())
+    ((16, 17), (-1,))
+    >>> parse_selection(" Last:2 ", "layers", keywords=("all",), last_n=True)
+    'last:2'
+    >>> parse_selection("first", "denoise_steps", keywords=("all", "final"), last_n=True)
+    Traceback (most recent call last):
+    ...
+    attnstore.errors.EvalConfigError: --attention.denoise_steps=first: use all, final, last:N or a list of indices like [0,9]
+    """
+    if not isinstance(value, str):
+        indices = _as_indices(value, name)
+        if indices is None:
+            raise EvalConfigError(f"--attention.{name}={value!r}: expected a list of integer indices")
+        return indices
+    text = value.strip().lower()
+    if text in keywords:
+        return text
+    if last_n and text.startswith("last:"):
+        count = text.removeprefix("last:")
+        if count.isdigit() and int(count) >= 1:
+            return f"last:{int(count)}"
+        raise EvalConfigError(f"--attention.{name}={value}: last:N needs a whole number N >= 1, e.g. last:2")
+    indices = _parse_index_text(text)
+    if indices is not None:
+        return indices
+    forms = ", ".join([*keywords, *(["last:N"] if last_n else [])])
+    raise EvalConfigError(f"--attention.{name}={value}: use {forms} or a list of indices like [0,9]")
+
+
+def parse_prefix(value: str | bool | Sequence[int]) -> bool | Selection:
+    """``--attention.prefix``: false, true (the same layers as ``--attention.layers``) or VLM layers.
+
+    >>> parse_prefix("true"), parse_prefix("False"), parse_prefix("[0, 1]"), parse_prefix("all")
+    (True, False, (0, 1), 'all')
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0", "none", ""):
+        return value.strip().lower() in ("true", "yes", "1")
+    return parse_selection(value, "prefix", keywords=("all",), last_n=True)
+
+
+def split_attention_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--attention.*`` arguments from the ones for lerobot-eval (order kept).
+
+    >>> split_attention_args(["--env.type=libero", "--attention.layers=all", "--attention.images", "false"])
+    (['--attention.layers=all', '--attention.images=false'], ['--env.type=libero'])
+    """
+    ours: list[str] = []
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(PREFIX):
+            if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                arg = f"{arg}={args[i + 1]}"  # "--attention.x value" form
+                i += 1
+            ours.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return ours, rest
+
+
+def parse_attention_args(args: Sequence[str]) -> AttentionConfig:
+    """Build the config from ``--attention.key=value`` arguments with draccus (as lerobot parses its own).
+
+    >>> parse_attention_args(["--attention.layers=[16,17]", "--attention.overwrite=true"]).layer_selection
+    (16, 17)
+    >>> parse_attention_args(["--attention.colour=red"])
+    Traceback (most recent call last):
+    ...
+    attnstore.errors.EvalConfigError: --attention.*: unrecognized arguments: --attention.colour=red (see attnstore eval --help)
+    """
+    import draccus
+
+    try:
+        return draccus.parse(_Args, args=list(args), exit_on_error=False).attention
+    except draccus.utils.DraccusException as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, EvalConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        message = " ".join(str(exc).split())
+        raise EvalConfigError(f"--attention.*: {message} (see attnstore eval --help)") from None
+
+
+@dataclass
+class _Args:
+    """The draccus root: ``--attention.<field>`` maps to ``_Args.attention.<field>``."""
+
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+def _parse_index_text(text: str) -> tuple[int, ...] | None:
+    """``"[16, 17]"``, ``"16,17"`` or ``"16"`` -> ``(16, 17)``; anything else -> None."""
+    text = text.strip()
+    if not text.startswith("["):
+        text = f"[{text}]"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return _as_indices(value, "")
+
+
+def _as_indices(value: object, name: str) -> tuple[int, ...] | None:
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return None
+    return tuple(int(v) for v in value)
