@@ -63,5 +63,13 @@ eval-attn: setup $(if $(POLICY),,$(TINY_POLICY)/attnstore_tiny.json)
 	  --output_dir=$(OUT) $(if $(STEPS),--env.episode_length=$(STEPS)) \
 	  $(if $(ASYNC),--eval.use_async_envs=$(ASYNC)) $(ARGS)
 
+# Benchmarks: each script measures attnstore and the legacy path side by side and prints a table;
+# the tables land in bench/results.md, which README quotes.
+bench: setup
+	@{ echo "# Benchmark results"; echo; echo "Made by \`make bench\` on $$(date -u +%Y-%m-%d) ($$(nproc) cores, no GPU)."; echo; \
+	  for b in bench_store bench_capture bench_eval; do echo "## $$b"; echo; \
+	    HF_HUB_OFFLINE=1 MUJOCO_GL=egl $(PY) bench/$$b.py $(BENCH_ARGS) || exit 1; echo; done; } > bench/results.md.tmp
+	@mv bench/results.md.tmp bench/results.md && cat bench/results.md
+
 clean-venv:
 	rm -rf "$(VENV)"

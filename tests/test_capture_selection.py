@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 
-from attnstore.capture import layout, selection, tiny
+from attnstore.capture import layout, tiny
 from attnstore.capture.selection import parse_denoise_steps, parse_layers
 from attnstore.errors import CaptureError
 from attnstore.schema import TokenLayout
-
-
-@pytest.mark.parametrize("module", [selection, layout, tiny], ids=lambda m: m.__name__)
-def test_doctests(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.parametrize(

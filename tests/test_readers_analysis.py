@@ -8,7 +8,6 @@ under test): image 0-3, wrist 4-7, empty 8-11, language 12-14, action 15-16.
 
 from __future__ import annotations
 
-import doctest
 from contextlib import contextmanager
 
 import dask
@@ -18,9 +17,6 @@ import xarray as xr
 
 from attnstore import open_attention
 from attnstore.errors import SelectionError
-from attnstore.readers import aggregate as aggregate_module
-from attnstore.readers import regions as regions_module
-from attnstore.readers import rollout as rollout_module
 from attnstore.readers.analysis import (
     action_to_visual,
     aggregate,
@@ -354,10 +350,3 @@ def test_real_layout_uint16_store(tmp_path):
         for layer in range(2):
             got = (top.patch_row.values[i, 0, layer, 0], top.patch_col.values[i, 0, layer, 0])
             assert max(abs(got[0] - want[0]), abs(got[1] - want[1])) <= 1, (episode, rollout, layer, got, want)
-
-
-# ---- worked docstrings ---------------------------------------------------------------------------
-@pytest.mark.parametrize("module", [aggregate_module, regions_module, rollout_module])
-def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

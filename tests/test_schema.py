@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import numpy as np
 import pytest
 
 from attnstore import schema as S
 from attnstore.errors import SchemaError
-
-# Modules whose docstring examples are executable documentation (pure, no model code).
-DOCTEST_MODULES = ["attnstore.schema", "attnstore.capture.selection", "attnstore.readers.analysis"]
-
-
-@pytest.mark.parametrize("module_name", DOCTEST_MODULES)
-def test_docstring_examples_run(module_name):
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        pytest.fail(f"{module_name} is listed for doctests but cannot be imported: {exc}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0
-
 
 def libero_layout() -> S.TokenLayout:
     return S.TokenLayout(cameras=("image", "image2", "empty_camera_0"), camera_present=(True, True, False))

@@ -64,12 +64,13 @@ class _Buffers:
 class AttentionRecorder:
     """Record a Pi0.5 policy's attention into an :class:`AttentionWriter` while it runs.
 
-    >>> # doctest: +SKIP
-    >>> with AttentionWriter(out / "attention.zarr") as writer, \\
-    ...         AttentionRecorder(policy, writer, layers="last:2", tokenizer=find_tokenizer(pre)) as rec:
-    ...     policy.reset()                                  # a batch of B episodes starts
-    ...     action = policy.select_action(pre(observation))  # env step 0: the model runs, one row per env
-    ...     rec.set_active(~done)                            # finished envs stop being recorded
+    Example::
+
+        with AttentionWriter(out / "attention.zarr") as writer, \\
+                AttentionRecorder(policy, writer, layers="last:2", tokenizer=find_tokenizer(pre)) as rec:
+            policy.reset()                                  # a batch of B episodes starts
+            action = policy.select_action(pre(observation))  # env step 0: the model runs, one row per env
+            rec.set_active(~done)                            # finished envs stop being recorded
 
     Episodes: each ``policy.reset()`` after a batch that ran the model starts the next B episodes
     (``first_episode + batches_so_far * B + i``, lerobot-eval's numbering); ``set_episodes`` overrides.

@@ -30,10 +30,11 @@ def open_attention(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Da
 
     ``chunks`` is passed to ``xr.open_zarr`` (default: the store's chunks, one inference per chunk).
 
-    >>> # doctest: +SKIP
-    >>> ds = open_attention("outputs/eval/attention.zarr")
-    >>> ds.attention.sel(episode=0, rollout=3, denoise=9, layer=17)   # (head, query, key), lazy
-    >>> action_to_visual(ds, camera="image")                          # (..., patch_row, patch_col)
+    Example::
+
+        ds = open_attention("outputs/eval/attention.zarr")
+        ds.attention.sel(episode=0, rollout=3, denoise=9, layer=17)   # (head, query, key), lazy
+        action_to_visual(ds, camera="image")                          # (..., patch_row, patch_col)
     """
     path = Path(path)
     spec, info = read_spec(path)

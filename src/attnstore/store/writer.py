@@ -85,10 +85,11 @@ class _State:
 class AttentionWriter:
     """Append-only writer of one attention store.
 
-    >>> # doctest: +SKIP
-    >>> with AttentionWriter("out/attention.zarr", spec, run={"task": "libero_object"}) as writer:
-    ...     writer.append(InferenceBatch(episodes=[0], env_steps=[0], attention=probs, key_valid=valid))
-    ...     writer.end_episode(EpisodeRecord(episode=0, success=True, num_env_steps=280))
+    Example::
+
+        with AttentionWriter("out/attention.zarr", spec, run={"task": "libero_object"}) as writer:
+            writer.append(InferenceBatch(episodes=[0], env_steps=[0], attention=probs, key_valid=valid))
+            writer.end_episode(EpisodeRecord(episode=0, success=True, num_env_steps=280))
 
     ``mode``: ``create`` (the path must not exist), ``overwrite`` (replace an existing attnstore store,
     never anything else) or ``append`` (add to an existing store with the same spec).
