@@ -79,7 +79,7 @@ def dir_bytes(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant (interleaved off/on)")
-    parser.add_argument("--steps", type=int, default=40, help="env steps per episode (--env.episode_length)")
+    parser.add_argument("--steps", type=int, default=280, help="env steps per episode (--env.episode_length; 280 = a full libero_object episode)")
     parser.add_argument("--episodes", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--policy", type=Path, default=None, help="tiny checkpoint (default: build one in a temp dir)")
