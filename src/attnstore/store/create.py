@@ -33,7 +33,7 @@ def preflight(path: Path, mode: WriteMode) -> None:
     if mode == "append" and not exists:
         raise StoreError(f"cannot append: {path} does not exist (use mode 'create')")
     if mode == "create" and exists:
-        raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
+        raise StoreError(f"{path} already exists: choose a fresh path, or overwrite it (--overwrite on the CLI)")
     if mode != "create" and exists:
         open_existing(path)  # never append to or delete anything that is not an attnstore store
         refuse_if_locked(path)  # nor one another writer is writing
@@ -67,7 +67,7 @@ def _prepare_store(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, m
 
     exists = non_empty(path)
     if mode == "create" and exists:  # appeared since the preflight
-        raise StoreError(f"{path} already exists: choose a fresh output path, or overwrite it explicitly")
+        raise StoreError(f"{path} already exists: choose a fresh path, or overwrite it (--overwrite on the CLI)")
     if mode == "append":
         group = open_existing(path)
         stored, _ = S.read_root_attrs(group.attrs, str(path))

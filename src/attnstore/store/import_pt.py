@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from attnstore import schema as S
-from attnstore.errors import LegacyFormatError, SchemaError, StoreError
+from attnstore.errors import LegacyFormatError, SchemaError
 from attnstore.schema import EpisodeRecord, StoreSpec, TokenLayout
 from attnstore.store import legacy_pt as L
 
@@ -94,13 +94,14 @@ def import_pt(
     """Convert legacy ``.pt`` files (or folders of them) into a new store at ``store``; return its path."""
     from tqdm.auto import tqdm
 
+    from attnstore.store.create import preflight
     from attnstore.store.writer import AttentionWriter, InferenceBatch
 
     if encoding not in S.ENCODINGS:
         raise SchemaError(f"--encoding must be one of {list(S.ENCODINGS)}, got '{encoding}'")
     notify = notify or (lambda msg: tqdm.write(f"attnstore: {msg}", file=sys.stderr))
     store = Path(store)
-    _check_target(store, overwrite)
+    preflight(store, "overwrite" if overwrite else "create")  # refuse before reading any file
     files = L.find_pt_files(paths)
 
     plans = _plan(files, notify)
@@ -210,20 +211,6 @@ def guess_layout(info: L.LegacyInfo, guess: LayoutGuess, present: Sequence[bool]
 
 
 # ---- steps -------------------------------------------------------------------------------------
-def _check_target(store: Path, overwrite: bool) -> None:
-    from attnstore.readers.open import read_spec
-
-    if store.exists() and (not store.is_dir() or any(store.iterdir())):
-        if not overwrite:
-            raise StoreError(f"{store} already exists: choose a new store path or pass --overwrite")
-        read_spec(store)  # only ever replace an attnstore store
-    parent = store.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"cannot write {store}: {parent} is not writable")
-
-
 def _plan(files: list[Path], notify: Notify) -> list[_Plan]:
     plans: list[_Plan] = []
     taken: set[int] = set()
