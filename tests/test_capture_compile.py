@@ -17,23 +17,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("lerobot")
 
 from attnstore.capture import AttentionRecorder  # noqa: E402
-from attnstore.capture.tiny import TinyDims, build_tiny_policy, tiny_config  # noqa: E402
+from attnstore.capture.tiny import TinyDims, build_tiny_policy, example_model_batch, tiny_config  # noqa: E402
 from attnstore.readers.open import open_attention  # noqa: E402
 from attnstore.store.writer import AttentionWriter  # noqa: E402
-
-
-def model_batch(batch_size: int = 1) -> dict:
-    """A batch as Pi0.5's preprocessor hands it to the model (tokenised prompt, normalised state)."""
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(batch_size, 200, dtype=torch.bool)
-    mask[:, :48] = True
-    return {
-        "observation.images.image": torch.rand(batch_size, 3, 224, 224, generator=g),
-        "observation.images.image2": torch.rand(batch_size, 3, 224, 224, generator=g),
-        "observation.state": torch.zeros(batch_size, 8),
-        "observation.language.tokens": torch.randint(4, 500, (batch_size, 200), generator=g),
-        "observation.language.attention_mask": mask,
-    }
 
 
 def test_compiled_sample_actions_records_without_recompiling(tmp_path):
@@ -44,7 +30,7 @@ def test_compiled_sample_actions_records_without_recompiling(tmp_path):
     compiled = build_tiny_policy(tiny_config(dims=dims), seed=0, dims=dims)
     eager = build_tiny_policy(tiny_config(dims=dims), seed=0, dims=dims)
     compiled.model.sample_actions = torch.compile(compiled.model.sample_actions, backend="eager")
-    batch = model_batch()
+    batch = example_model_batch()
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
 

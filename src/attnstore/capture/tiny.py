@@ -289,6 +289,26 @@ def build_tiny_policy(config, *, seed: int = 0, dims: TinyDims | None = None):
     return policy.eval()
 
 
+def example_model_batch(batch_size: int = 1, *, num_valid_tokens: int = 48, seed: int = 0) -> dict[str, Any]:
+    """A batch as Pi0.5's preprocessor hands it to the model (LIBERO cameras, tokenised prompt).
+
+    For smoke tests and benchmarks that call ``policy.select_action`` without an environment: a LIBERO
+    prompt with its state string is ~40-60 tokens, so ``num_valid_tokens`` of the 200 are unmasked.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch_size, 200, dtype=torch.bool)
+    mask[:, :num_valid_tokens] = True
+    return {
+        "observation.images.image": torch.rand(batch_size, 3, 224, 224, generator=g),
+        "observation.images.image2": torch.rand(batch_size, 3, 224, 224, generator=g),
+        "observation.state": torch.zeros(batch_size, 8),
+        "observation.language.tokens": torch.randint(4, 500, (batch_size, 200), generator=g),
+        "observation.language.attention_mask": mask,
+    }
+
+
 def _write_tokenizer(directory: Path) -> Path:
     """A small byte-level BPE tokenizer (offline stand-in for PaliGemma's), saved the HF way."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
