@@ -10,6 +10,19 @@ layers, recorder on all layers. Recording writes to a real Zarr store in a tempo
 encoding, background writer thread). Reported: median seconds per model run end to end (writer
 encoding concurrently on the same cores), the same with the writer drained between runs (the
 recorder's own cost on the caller's thread), ratios to no recorder, and the writer thread's time.
+
+Full size on a GPU (``--full-size``): a random-weight Pi0.5 at lerobot 0.6.1's PI05Config defaults
+(PaliGemma gemma_2b + expert gemma_300m, 18 layers each, SigLIP 224/14) with LIBERO's features, on
+``--device`` in ``--dtype`` (default bfloat16), timed with ``torch.cuda.synchronize()``; the table is in
+ms per model run. On a machine that has torch but not lerobot (wheels built elsewhere into wheelhouse/):
+    python -m venv --system-site-packages .gpu   # reuses the machine's torch
+    .gpu/bin/pip install --no-index --find-links wheelhouse wheelhouse/*.whl
+    PYTHONPATH=src HF_HUB_OFFLINE=1 .gpu/bin/python bench/bench_capture.py --full-size --device cuda --reps 5
+(On CUDA the weights are created on the GPU; a CPU build takes ~2 min and 19 GB RSS on 2 cores. All 18 layers
+hand the writer thread ~290 MB of float32 per model run to encode.)
+A CPU smoke run of the same path with 2 layers instead of 18:
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py --full-size --device cpu --dtype float32 --depth 2 \
+        --reps 1 --inferences 1 --layers-only last-2
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -25,27 +39,36 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def make_batch(batch_size: int):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(batch_size, 200, dtype=torch.bool)
-    mask[:, :48] = True  # a LIBERO prompt with its state string is ~40-60 tokens
-    return {
-        "observation.images.image": torch.rand(batch_size, 3, 224, 224, generator=g),
-        "observation.images.image2": torch.rand(batch_size, 3, 224, 224, generator=g),
-        "observation.state": torch.zeros(batch_size, 8),
-        "observation.language.tokens": torch.randint(4, 500, (batch_size, 200), generator=g),
-        "observation.language.attention_mask": mask,
-    }
+FULL_DEPTH = 18  # lerobot 0.6.1's gemma_2b / gemma_300m depth
+LAYER_CONFIGS = {"last-2": ("last-2 layers", "last:2"), "all": ("all layers", "all")}
 
 
-def run_loop(policy, batch, inferences: int, writer=None) -> list[float]:
+def make_batch(batch_size: int, device: str = "cpu"):
+    """A LIBERO-shaped observation as the preprocessor hands it to select_action (on the policy's device)."""
+    from attnstore.capture.tiny import example_model_batch
+
+    return {k: v.to(device) for k, v in example_model_batch(batch_size).items()}
+
+
+def device_sync(device: str):
+    """A no-argument function that waits for queued device work (a no-op on CPU).
+
+    >>> device_sync("cpu")() is None
+    True
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None) -> list[float]:
     """Seconds per model run of a select_action loop (the queue-served calls are included).
 
     With ``writer`` given, the writer is drained between model runs outside the timed part, which
     isolates the recorder's own cost on the caller's thread from the writer thread's encoding.
+    ``sync`` waits for the device (``torch.cuda.synchronize``) at both ends of each timed run.
     """
     policy.reset()
     n = policy.config.n_action_steps
@@ -53,44 +76,76 @@ def run_loop(policy, batch, inferences: int, writer=None) -> list[float]:
     for _ in range(inferences):
         if writer is not None:
             writer.flush()
+        sync()
         start = time.perf_counter()
         for _ in range(n):
             policy.select_action(batch)
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=8, help="repetitions of each configuration (default 8)")
-    parser.add_argument("--inferences", type=int, default=3, help="model runs per loop (default 3)")
-    parser.add_argument("--batch-size", type=int, default=1, help="envs per batch (default 1)")
-    parser.add_argument("--depth", type=int, default=6, help="layers of the tiny VLM and expert (default 6)")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="instead: check compile_model=True with the recorder (first-call time, recompiles, actions vs eager)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
+@contextlib.contextmanager
+def gemma_depth(depth: int | None):
+    """lerobot's full-size gemma configs with ``depth`` layers (VLM and expert) while open; None: unchanged.
 
+    Only for smoke runs of the full-size path on a small machine: widths, heads and SigLIP stay full size.
+    """
+    from lerobot.policies.pi05 import modeling_pi05
+
+    original = modeling_pi05.get_gemma_config
+    if depth is None or depth == FULL_DEPTH:
+        yield
+        return
+
+    def get_gemma_config(variant: str):
+        config = original(variant)
+        config.depth = depth
+        return config
+
+    modeling_pi05.get_gemma_config = get_gemma_config
+    try:
+        yield
+    finally:
+        modeling_pi05.get_gemma_config = original
+
+
+def build_full_size_policy(device: str, dtype: str, *, depth: int | None = None, seed: int = 0):
+    """A random-weight full-size ``PI05Policy`` (lerobot's PI05Config defaults) with LIBERO's features.
+
+    The features (2 cameras + 1 empty, state 8, action 7, n_action_steps 10, 224 px) come from
+    ``tiny_config``; the model is built by lerobot unpatched (``depth`` aside). On CUDA the weights
+    are created on the device directly (seconds instead of a CPU init of 4 B parameters); should
+    that fail, it builds on the CPU and moves the model, as lerobot does.
+    """
     import torch
+    from lerobot.policies.pi05.modeling_pi05 import PI05Policy
 
+    from attnstore.capture.tiny import tiny_config
+
+    config = tiny_config()
+    config.device, config.dtype = device, dtype
+    torch.manual_seed(seed)
+    with gemma_depth(depth):
+        if device.startswith("cuda"):
+            try:
+                with torch.device(device):
+                    return PI05Policy(config).eval()
+            except Exception as exc:  # noqa: BLE001 - fall back to lerobot's own CPU build
+                print(f"building on {device} failed ({type(exc).__name__}: {exc}); building on CPU", file=sys.stderr)
+                torch.cuda.empty_cache()
+        return PI05Policy(config).eval()
+
+
+def measure(policy, batch, configs: dict, reps: int, inferences: int, sync) -> dict:
+    """Interleaved select_action loops per recorder configuration, into a real store per configuration.
+
+    Returns per configuration: ``loop`` and ``caller`` (median seconds per model run, one per rep),
+    ``busy`` (writer seconds per row) and ``sizes`` (MB on disk per row).
+    """
     from attnstore.capture import AttentionRecorder
-    from attnstore.capture.tiny import TinyDims, build_tiny_policy, tiny_config
     from attnstore.store.writer import AttentionWriter, directory_bytes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.compile:
-        return check_compiled(args)
-    # 6 layers (not the tiny default 2) so that "all layers" differs from "last-2"
-    dims = TinyDims(depth=args.depth)
-    policy = build_tiny_policy(tiny_config(dims=dims), seed=0, dims=dims)
-    batch = make_batch(args.batch_size)
-    run_loop(policy, batch, 2)  # warm-up (first calls allocate and tune kernels)
-
-    configs = {"off": None, "last-2 layers": "last:2", "all layers": "all"}
     names = list(configs)
     # per rep and configuration: median seconds per model run (loop, caller)
     loop: dict[str, list[float]] = {name: [] for name in configs}
@@ -106,47 +161,220 @@ def main(argv: list[str] | None = None) -> int:
             with rec:
                 policy.reset()
                 policy.select_action(batch)
-        for rep in range(args.reps):
+        for w in writers.values():  # else the first timed loop competes with that encoding
+            w.flush()
+        for rep in range(reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 rec = recorders.get(name)
                 with rec if rec is not None else contextlib.nullcontext():
-                    loop[name].append(statistics.median(run_loop(policy, batch, args.inferences)))
+                    loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync)))
                     w = writers.get(name)
-                    caller[name].append(statistics.median(run_loop(policy, batch, args.inferences, writer=w)))
+                    caller[name].append(statistics.median(run_loop(policy, batch, inferences, writer=w, sync=sync)))
         for name, w in writers.items():
             stats = w.close()
             busy[name].append(stats.busy_seconds / max(stats.rows, 1))
             sizes[name] = directory_bytes(w.path) / 1e6 / max(stats.rows, 1)
+    return {"loop": loop, "caller": caller, "busy": busy, "sizes": sizes}
 
-    def paired_ratio(times: dict[str, list[float]], name: str) -> float:
-        """Median over reps of (this configuration / off) within the same rep."""
-        return statistics.median(t / o for t, o in zip(times[name], times["off"]))
 
-    print(
-        f"tiny Pi0.5 ({args.depth} layers) on CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores), "
-        f"B={args.batch_size}, {args.reps} reps x {args.inferences} model runs x "
-        f"{policy.config.n_action_steps} select_action calls, configurations interleaved"
+def paired_ratio(times: dict[str, list[float]], name: str) -> float:
+    """Median over reps of (this configuration / off) within the same rep.
+
+    >>> paired_ratio({"off": [1.0, 2.0, 4.0], "on": [1.5, 2.5, 6.0]}, "on")
+    1.5
+    """
+    return statistics.median(t / o for t, o in zip(times[name], times["off"]))
+
+
+def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
+    """The table: per configuration median loop and caller time per model run, ratios, writer cost, size."""
+    loop, caller, busy, sizes = result["loop"], result["caller"], result["busy"], result["sizes"]
+    digits = 4 if scale == 1 else 1
+    heads = (
+        "configuration",
+        f"loop {unit}/run",
+        "ratio",
+        f"caller {unit}/run",
+        "ratio",
+        f"writer {unit}/row",
+        "MB/row",
     )
-    print(
-        f"{'configuration':<15}{'loop s/run':>11}{'ratio':>7}{'caller s/run':>13}{'ratio':>7}"
-        f"{'writer s/row':>13}{'MB/row':>8}"
-    )
+    # widths of the seconds table, widened where a header would touch its neighbour
+    widths = [max(w, len(h) + 1) for w, h in zip((15, 11, 7, 13, 7, 13, 8), heads)]
+    print(f"{heads[0]:<{widths[0]}}" + "".join(f"{h:>{w}}" for h, w in zip(heads[1:], widths[1:])))
     for name in configs:
-        lm, cm = statistics.median(loop[name]), statistics.median(caller[name])
-        wb = f"{statistics.median(busy[name]):.4f}" if busy[name] else "-"
+        lm, cm = statistics.median(loop[name]) * scale, statistics.median(caller[name]) * scale
+        wb = f"{statistics.median(busy[name]) * scale:.{digits}f}" if busy[name] else "-"
         size = f"{sizes[name]:.2f}" if name in sizes else "-"
-        print(
-            f"{name:<15}{lm:>11.4f}{paired_ratio(loop, name):>7.3f}{cm:>13.4f}{paired_ratio(caller, name):>7.3f}"
-            f"{wb:>13}{size:>8}"
+        cells = (
+            f"{lm:.{digits}f}",
+            f"{paired_ratio(loop, name):.3f}",
+            f"{cm:.{digits}f}",
+            f"{paired_ratio(caller, name):.3f}",
+            wb,
+            size,
         )
+        print(f"{name:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths[1:])))
     print(
         "loop: end to end, writer thread encoding concurrently; caller: writer drained between runs "
         "(the recorder's own cost); ratio: median over reps of the ratio to 'off' in the same rep; "
         "writer: its thread's encode+write time per stored row"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=8, help="repetitions of each configuration (default 8)")
+    parser.add_argument("--inferences", type=int, default=3, help="model runs per loop (default 3)")
+    parser.add_argument("--batch-size", type=int, default=1, help="envs per batch (default 1)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="layers of the VLM and expert (default 6 for the tiny model, 18 with --full-size; "
+        "less than 18 with --full-size only for a smoke run)",
+    )
+    parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help="random-weight full-size Pi0.5 (PI05Config defaults) instead of the tiny one; table in ms",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda[:N]")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="PI05Config.dtype (default: float32 for the tiny model, bfloat16 with --full-size)",
+    )
+    parser.add_argument(
+        "--layers-only",
+        choices=tuple(LAYER_CONFIGS),
+        default=None,
+        help="measure 'off' and only this recorder configuration (default: both last-2 and all)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: check compile_model=True with the recorder (first-call time, recompiles, actions vs eager)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    for name in ("reps", "inferences", "batch_size", "depth"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.compile and (args.full_size or args.device != "cpu" or args.dtype or args.layers_only):
+        parser.error("--compile checks the tiny model on CPU only; drop --full-size/--device/--dtype/--layers-only")
+    if args.full_size and args.depth is not None and args.depth > FULL_DEPTH:
+        parser.error(f"--depth with --full-size is at most {FULL_DEPTH} (lerobot's depth), got {args.depth}")
+
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    if args.device not in ("cpu",) and not args.device.startswith("cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        return check_compiled(args)
+    if args.full_size:
+        return bench_full_size(args)
+
+    from attnstore.capture.tiny import TinyDims, build_tiny_policy, tiny_config
+
+    # 6 layers (not the tiny default 2) so that "all layers" differs from "last-2"
+    depth = args.depth or 6
+    dims = TinyDims(depth=depth)
+    config = tiny_config(dims=dims)
+    config.device, config.dtype = args.device, args.dtype or "float32"
+    policy = build_tiny_policy(config, seed=0, dims=dims)
+    sync = device_sync(args.device)
+    batch = make_batch(args.batch_size, args.device)
+    run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
+
+    configs = recorder_configs(args.layers_only)
+    result = measure(policy, batch, configs, args.reps, args.inferences, sync)
+    where = "CPU" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})"
+    print(
+        f"tiny Pi0.5 ({depth} layers) on {where} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores), "
+        f"B={args.batch_size}, {args.reps} reps x {args.inferences} model runs x "
+        f"{policy.config.n_action_steps} select_action calls, configurations interleaved"
+    )
+    print_table(result, configs, scale=1, unit="s")
     print("command: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py " + " ".join(sys.argv[1:]))
     return 0
+
+
+def recorder_configs(only: str | None) -> dict[str, str | None]:
+    """Display name -> recorder ``layers`` selection (None: no recorder), 'off' first.
+
+    >>> recorder_configs("all")
+    {'off': None, 'all layers': 'all'}
+    """
+    chosen = [only] if only else list(LAYER_CONFIGS)
+    return {"off": None, **{LAYER_CONFIGS[k][0]: LAYER_CONFIGS[k][1] for k in chosen}}
+
+
+def bench_full_size(args) -> int:
+    """--full-size: the same measurement on a full-size random Pi0.5, in ms per model run."""
+    import torch
+
+    dtype = args.dtype or "bfloat16"
+    cuda = args.device.startswith("cuda")
+    started = time.perf_counter()
+    policy = build_full_size_policy(args.device, dtype, depth=args.depth)
+    build_s = time.perf_counter() - started
+    params = sum(p.numel() for p in policy.parameters())
+    depth = len(policy.model.paligemma_with_expert.gemma_expert.model.layers)
+    sync = device_sync(args.device)
+    batch = make_batch(args.batch_size, args.device)
+    started = time.perf_counter()
+    run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
+    warmup_s = time.perf_counter() - started
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+
+    configs = recorder_configs(args.layers_only)
+    started = time.perf_counter()
+    result = measure(policy, batch, configs, args.reps, args.inferences, sync)
+    measure_s = time.perf_counter() - started
+
+    if cuda:
+        name = torch.cuda.get_device_name(args.device)
+        where = f"{name} ({args.device}, torch {torch.__version__}, CUDA {torch.version.cuda})"
+    else:
+        where = f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__})"
+    print(
+        f"full-size Pi0.5 ({depth} layers{'' if depth == FULL_DEPTH else ', REDUCED: smoke run'}, "
+        f"{params / 1e9:.2f} B parameters, {dtype}, random weights) on {where}, B={args.batch_size}, "
+        f"{args.reps} reps x {args.inferences} model runs x {policy.config.n_action_steps} select_action calls, "
+        "configurations interleaved"
+    )
+    print_table(result, configs, scale=1000, unit="ms")
+    notes = f"build {build_s:.1f} s, warm-up (2 model runs) {warmup_s:.1f} s, measurement {measure_s:.1f} s"
+    if cuda:
+        notes += f", peak GPU memory while measuring {torch.cuda.max_memory_allocated(args.device) / 2**30:.1f} GiB"
+    print(notes)
+    print("command: " + reproduce_command(sys.argv))
+    return 0
+
+
+def reproduce_command(argv: list[str], python: str | None = None, env: dict | None = None) -> str:
+    """The shell command that reruns this process: its interpreter, script and arguments, with the env it needs.
+
+    >>> reproduce_command(["bench/bench_capture.py", "--full-size", "--device", "cuda"], "/x/.gpu/bin/python", {})
+    'HF_HUB_OFFLINE=1 /x/.gpu/bin/python bench/bench_capture.py --full-size --device cuda'
+    >>> reproduce_command(["b.py"], "py", {"PYTHONPATH": "src"})
+    'HF_HUB_OFFLINE=1 PYTHONPATH=src py b.py'
+    """
+    python = python or sys.executable
+    env = os.environ if env is None else env
+    if os.path.isabs(python) and Path(python).is_relative_to(Path.cwd()):
+        python = os.path.relpath(python)
+    prefix = ["HF_HUB_OFFLINE=1"] + ([f"PYTHONPATH={env['PYTHONPATH']}"] if env.get("PYTHONPATH") else [])
+    return " ".join([*prefix, shlex.join([python, *argv])])
 
 
 def check_compiled(args) -> int:
