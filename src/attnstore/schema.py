@@ -323,10 +323,10 @@ class EpisodeRecord:
 def denoise_time(step: int, num_steps: int) -> float:
     """Flow-matching time of denoise step ``step`` (Pi0.5 integrates from t=1 with dt=-1/num_steps).
 
-    >>> [round(denoise_time(d, 10), 1) for d in (0, 1, 9)]
+    >>> [denoise_time(d, 10) for d in (0, 1, 9)]
     [1.0, 0.9, 0.1]
     """
-    return float(1.0 - step / num_steps)
+    return round(1.0 - step / num_steps, 12)  # 0.1, not 1 - 9/10 = 0.09999999999999998
 
 
 def attention_codecs(encoding: str) -> dict[str, Any]:
