@@ -459,3 +459,32 @@ def test_import_task_folders_with_clashing_episode_indices(tmp_path, capsys):
     sources = ds.attrs["attnstore_run"]["imported_from"]
     assert [(Path(s["file"]).parent.name, s["episode"], s["episode_index_in_file"]) for s in sources] == [
         ("libero_goal_0", 0, 0), ("libero_goal_1", 1, 0)]
+
+
+
+def test_export_names_files_like_lerobots_videos_of_each_task(tmp_path):
+    # attnstore eval numbers episodes run-wide (task 1 starts at 2); lerobot's videos restart at 0 per task
+    from attnstore.store.writer import AttentionWriter
+    from synthetic import synthetic_batch
+
+    tasks = [
+        {"task_group": "libero_object", "task_id": 0, "first_episode": 0, "n_episodes": 2},
+        {"task_group": "libero_object", "task_id": 1, "first_episode": 2, "n_episodes": 2},
+    ]
+    spec = make_spec(num_language=8, grid=4, layers=(1,), num_layers=2, denoise_steps=(0, 9), images=False,
+                     actions=False)
+    store = tmp_path / "multi.zarr"
+    rng = np.random.default_rng(0)
+    with AttentionWriter(store, spec, run={"tasks": tasks}) as writer:
+        for episode in range(4):
+            writer.append(synthetic_batch(spec, rng, [episode], [0]))
+            writer.end_episode(S.EpisodeRecord(episode, "libero_object", episode // 2, "task", False, 1))
+    assert main(["export-pt", str(store), str(tmp_path / "out"), "--no-progress"]) == 0
+    files = sorted((tmp_path / "out").rglob("*.pt"))
+    episode_of = {p.relative_to(tmp_path / "out").as_posix(): torch.load(p)["metadata"]["episode_index"] for p in files}
+    assert episode_of == {
+        "libero_object_0/episode_00000_attention.pt": 0,
+        "libero_object_0/episode_00001_attention.pt": 1,
+        "libero_object_1/episode_00000_attention.pt": 2,
+        "libero_object_1/episode_00001_attention.pt": 3,
+    }

@@ -2,7 +2,8 @@
 
 ``export_pt`` streams episode by episode: it reads one inference at a time from the lazy dataset and
 holds at most one episode's maps in memory (``torch.save`` needs the whole dict), then writes
-``OUT_DIR/<task_group>_<task_id>/episode_<05d>_attention.pt`` atomically (temp file + rename).
+``OUT_DIR/<task_group>_<task_id>/episode_<05d>_attention.pt`` atomically (temp file + rename), numbered
+like lerobot's videos of that task (:func:`video_index`).
 
 Legacy ``rollout_step`` is the store's ``env_step`` (the video frame index). By default there is one
 entry per inference (``data['rollout_steps'][i]`` is inference ``i``, at frame ``rollout_step``).
@@ -92,7 +93,7 @@ def export_pt(
                     )
                 )
         hint = _hint(spec, chosen_layers, record, every_env_step, folder)
-        path = out_dir / folder / L.FILE_PATTERN.format(episode=ep)
+        path = out_dir / folder / L.FILE_PATTERN.format(episode=video_index(run, ep))
         L.save_atomic(L.legacy_episode(entries, ep, hint), path)
         written.append(path)
         del entries
@@ -106,6 +107,24 @@ def episode_table(ds) -> dict[int, dict[str, Any]]:
     index = np.asarray(ds[S.EPISODE_INDEX].values).tolist()
     columns = {name: np.asarray(ds[name].values).tolist() for name in S.EPISODE_VARS if name in ds}
     return {int(ep): {name: col[i] for name, col in columns.items()} for i, ep in enumerate(index)}
+
+
+def video_index(run: dict[str, Any], episode: int) -> int:
+    """lerobot's per-task episode number (``eval_episode_N.mp4``) of a run-wide store episode.
+
+    ``attnstore eval`` numbers episodes across the whole run (task k starts at ``first_episode``) and
+    keeps the mapping in the run attrs; the file is named like the video, while the file's
+    ``metadata.episode_index`` stays the store's episode.
+
+    >>> tasks = [{"first_episode": 0, "n_episodes": 2}, {"first_episode": 2, "n_episodes": 2}]
+    >>> [video_index({"tasks": tasks}, e) for e in range(4)], video_index({}, 3)
+    ([0, 1, 0, 1], 3)
+    """
+    for task in run.get("tasks") or []:
+        first, count = int(task.get("first_episode", 0)), int(task.get("n_episodes", 0))
+        if first <= episode < first + count:
+            return episode - first
+    return episode
 
 
 def _layer_positions(stored: Sequence[int], wanted: Sequence[int] | None) -> list[int]:
