@@ -112,8 +112,8 @@ def main() -> None:
             off, on = median(False, key), median(True, key)
             print(f"{label:<34}{off:>14.1f}{on:>14.1f}{on / off:>9.2f}x")
 
-        from attnstore.readers.open import open_attention
-        from attnstore.store.export_pt import export_pt
+        from attnstore.store.open import open_attention
+        from attnstore.legacy.export_pt import export_pt
 
         ds = open_attention(last_store)
         n_episodes = len(set(ds["episode"].values.tolist()))

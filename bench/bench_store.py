@@ -175,7 +175,7 @@ def import_readers():
     import xarray as xr
     import zarr  # noqa: F401
 
-    from attnstore.readers.open import open_attention
+    from attnstore.store.open import open_attention
 
     xr.backends.list_engines()
     return open_attention

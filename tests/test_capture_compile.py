@@ -18,7 +18,7 @@ pytest.importorskip("lerobot")
 
 from attnstore.capture import AttentionRecorder  # noqa: E402
 from attnstore.capture.tiny import TinyDims, build_tiny_policy, example_model_batch, tiny_config  # noqa: E402
-from attnstore.readers.open import open_attention  # noqa: E402
+from attnstore.store.open import open_attention  # noqa: E402
 from attnstore.store.writer import AttentionWriter  # noqa: E402
 
 

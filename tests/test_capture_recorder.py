@@ -21,7 +21,7 @@ from attnstore import schema as S  # noqa: E402
 from attnstore.capture import AttentionRecorder, find_tokenizer, load_policy, make_tiny_policy  # noqa: E402
 from attnstore.capture.tiny import build_tiny_policy, tiny_config  # noqa: E402
 from attnstore.errors import CaptureError  # noqa: E402
-from attnstore.readers.open import open_attention  # noqa: E402
+from attnstore.store.open import open_attention  # noqa: E402
 from attnstore.store.writer import AttentionWriter  # noqa: E402
 
 TASK = "pick up the alphabet soup and place it in the basket"

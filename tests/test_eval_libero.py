@@ -188,7 +188,7 @@ def check_env_step_is_video_frame(out: Path, recorded: list[int]) -> None:
 
 
 def test_open_attention_and_status(batched_run):
-    from attnstore.readers.open import RUN_ATTR, STATUS_ATTR, open_attention
+    from attnstore.store.open import RUN_ATTR, STATUS_ATTR, open_attention
 
     out, _ = batched_run
     ds = open_attention(out / "attention.zarr")
@@ -201,7 +201,7 @@ def test_open_attention_and_status(batched_run):
 
 
 def test_export_pt_on_the_evaluation_store(batched_run, tmp_path):
-    export = pytest.importorskip("attnstore.store.export_pt", reason="export-pt not built in this checkout")
+    export = pytest.importorskip("attnstore.legacy.export_pt", reason="export-pt not built in this checkout")
     import torch
 
     out, _ = batched_run
@@ -232,7 +232,7 @@ def test_async_envs_record_each_episode(tiny_checkpoint, tmp_path, monkeypatch):
 
 # ---- interrupted run ------------------------------------------------------------------------------
 def test_sigint_keeps_committed_inferences_readable(tiny_checkpoint, tmp_path):
-    from attnstore.readers.open import STATUS_ATTR, open_attention
+    from attnstore.store.open import STATUS_ATTR, open_attention
 
     out = tmp_path / "run"
     store = out / "attention.zarr"

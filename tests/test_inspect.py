@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from attnstore.cli import main
-from attnstore.store.inspect import inspect_path
+from attnstore.legacy.inspect_pt import inspect_path
 from synthetic import make_spec, write_synthetic_store
 
 SMALL = dict(num_language=12, num_action=4, grid=4, num_heads=2, image_size=32)

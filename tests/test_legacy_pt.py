@@ -153,7 +153,7 @@ def test_guide_access_pattern_runs_unchanged(tmp_path):
 def test_every_env_step_one_entry_per_frame(stores, tmp_path):
     truth = stores["uint16"]
     paths = {}
-    from attnstore.store.export_pt import export_pt
+    from attnstore.legacy.export_pt import export_pt
 
     notes: list[str] = []
     for p in export_pt(truth["path"], tmp_path / "pt", every_env_step=True, progress=False, notify=notes.append):
@@ -384,7 +384,7 @@ def test_export_layer_subset_and_atomic_write(stores, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     from attnstore.errors import StoreError
-    from attnstore.store.export_pt import export_pt
+    from attnstore.legacy.export_pt import export_pt
 
     with pytest.raises(StoreError, match="No space left on device"):
         export_pt(truth["path"], tmp_path / "pt2", episodes=[0], progress=False)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from attnstore import schema as S
 from attnstore.cli import main
-from attnstore.readers.open import open_attention
+from attnstore.store.open import open_attention
 from attnstore.readers.plots import (
     ENTROPY_LABEL,
     by_env_step,

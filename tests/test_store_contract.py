@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 
 from attnstore import schema as S
-from attnstore.readers.open import open_attention, read_spec, spec_of
+from attnstore.store.open import open_attention, read_spec, spec_of
 from synthetic import make_spec, truth_index, write_synthetic_store
 
 N_LANG, N_ACT, GRID = 6, 5, 4

@@ -24,7 +24,7 @@ import pytest
 import zarr
 
 from attnstore import schema as S
-from attnstore.readers.open import open_attention
+from attnstore.store.open import open_attention
 from attnstore.store.lock import lock_path
 from attnstore.store.writer import AttentionWriter
 from synthetic import make_spec, synthetic_batch, write_synthetic_store

@@ -19,7 +19,7 @@ import zarr
 
 from attnstore import schema as S
 from attnstore.errors import SchemaError, StoreError, WriterError
-from attnstore.readers.open import open_attention
+from attnstore.store.open import open_attention
 from attnstore.schema import EpisodeRecord, StoreSpec
 from attnstore.store.lock import lock_path
 from attnstore.store.writer import AttentionWriter, InferenceBatch

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "open_attention": "attnstore.readers.open",
+    "open_attention": "attnstore.store.open",
     "AttentionWriter": "attnstore.store.writer",
     "InferenceBatch": "attnstore.store.writer",
     "EpisodeRecord": "attnstore.schema",
@@ -35,7 +35,7 @@ __all__ = [
 if TYPE_CHECKING:
     from attnstore.capture.policy import load_policy
     from attnstore.capture.recorder import AttentionRecorder
-    from attnstore.readers.open import open_attention
+    from attnstore.store.open import open_attention
     from attnstore.schema import EpisodeRecord, StoreSpec, TokenLayout
     from attnstore.store.writer import AttentionWriter, InferenceBatch
 

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnstore.store.export_pt import export_pt
+    from attnstore.legacy.export_pt import export_pt
 
     paths = export_pt(
         args.store,

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnstore.store.import_pt import LayoutGuess, import_pt
+    from attnstore.legacy.import_pt import LayoutGuess, import_pt
 
     guess = LayoutGuess(num_language=args.num_language, grid=args.grid,
                         cameras=tuple(args.cameras) if args.cameras else None)

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnstore.store.inspect import inspect_report
+    from attnstore.legacy.inspect_pt import inspect_report
 
     text, bad = inspect_report(args.path)
     print(text)

@@ -128,7 +128,7 @@ def write_overlays(store: str | os.PathLike[str], options: OverlayOptions) -> Ov
 
     Returns the files written and notes (skipped cameras, missing images) for the user.
     """
-    from attnstore.readers.open import open_attention, spec_of
+    from attnstore.store.open import open_attention, spec_of
 
     ds = open_attention(store)
     spec = spec_of(ds)

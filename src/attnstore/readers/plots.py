@@ -45,7 +45,7 @@ def summarize(ds: xr.Dataset, rows: np.ndarray | None = None) -> Summary:
     import dask
 
     from attnstore.readers.analysis import entropy, region_shares
-    from attnstore.readers.open import spec_of
+    from attnstore.store.open import spec_of
 
     spec = spec_of(ds)
     if rows is not None:
@@ -91,7 +91,7 @@ def write_plots(
     store: str | os.PathLike[str], out_dir: str | os.PathLike[str], episode: int | None = None
 ) -> PlotResult:
     """Write the summary figures of one episode (or of all episodes) into ``out_dir``."""
-    from attnstore.readers.open import open_attention
+    from attnstore.store.open import open_attention
 
     ds = open_attention(store)
     rows = None if episode is None else episode_rows(ds, episode)

@@ -39,7 +39,7 @@ class _Input:
 
 def _resolve(ds_or_da: xr.Dataset | xr.DataArray, key_valid: xr.DataArray | None = None) -> _Input:
     if isinstance(ds_or_da, xr.Dataset):
-        from attnstore.readers.open import spec_of
+        from attnstore.store.open import spec_of
 
         layout = spec_of(ds_or_da).layout
         absent = tuple(c for c, present in zip(layout.cameras, layout.camera_present) if not present)

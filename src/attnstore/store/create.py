@@ -110,96 +110,38 @@ def open_existing(path: Path):
 
 
 def _create_arrays(group, spec: StoreSpec) -> None:
-    lay = spec.layout
-    D, L, H, Q, K = spec.attention_shape_per_inference
-    inference_coords = " ".join(S.INFERENCE_COORDS)
-
-    def array(name, shape, dims, dtype, *, chunks=None, fill=0, coords="", codecs=None, attrs=None):
-        kwargs = codecs if codecs is not None else {"compressors": S.default_compressors(np.dtype(dtype).itemsize if dtype is not str else 1)}
+    """Every array of the variable table this spec stores: coordinates with their values, growing
+    arrays empty with ``chunk_rows`` rows per chunk."""
+    for var in S.stored_variables(spec):
+        if var.role == "coord":
+            values = np.asarray(var.values(spec))
+            shape, chunks = values.shape, values.shape
+        else:
+            row = var.row_shape(spec)
+            shape = (0, *row)
+            chunks = (var.chunk_rows, *row)
+        if var.attention_codec:
+            codecs = S.attention_codecs(spec.encoding)
+        else:
+            codecs = {"compressors": S.default_compressors(1 if var.dtype is str else np.dtype(var.dtype).itemsize)}
         arr = group.create_array(
-            name,
+            var.name,
             shape=shape,
-            chunks=chunks or shape,
-            dtype=dtype,
-            fill_value=fill,
-            dimension_names=list(dims),
-            **kwargs,
+            chunks=chunks,
+            dtype=var.dtype,
+            fill_value=var.fill,
+            dimension_names=list(var.dims),
+            **codecs,
         )
-        merged = dict(attrs or {})
-        if coords:
-            merged["coordinates"] = coords
-        if merged:
-            arr.attrs.update(merged)
-        return arr
-
-    def static(name, dims, values, attrs=None):
-        values = np.asarray(values)
-        dtype = str if values.dtype.kind in "UO" else values.dtype
-        arr = array(name, values.shape, dims, dtype, fill="" if dtype is str else 0, attrs=attrs)
-        arr[...] = values
-        return arr
-
-    # static coordinates
-    static(S.DENOISE, [S.DENOISE], np.asarray(spec.denoise_steps, np.int16))
-    static(S.TIME, [S.DENOISE], np.asarray(spec.times, np.float32), {"long_name": "flow-matching time t"})
-    static(S.LAYER, [S.LAYER], np.asarray(spec.layers, np.int16), {"long_name": "action-expert layer index"})
-    static(S.HEAD, [S.HEAD], np.arange(H, dtype=np.int16))
-    static(S.QUERY, [S.QUERY], np.arange(Q, dtype=np.int16), {"long_name": "action token"})
-    for name, values in lay.key_coords().items():
-        static(name, [S.KEY], values)
-
-    key_coords = " ".join(S.KEY_COORDS)
-    per_row = dict(coords=inference_coords)
-    # index coordinates (small, many rows per chunk; the episode column is the commit marker)
-    array(S.EPISODE, (0,), [S.INFERENCE], np.int64, chunks=(S.INDEX_CHUNK,), fill=S.UNCOMMITTED)
-    array(S.ROLLOUT, (0,), [S.INFERENCE], np.int32, chunks=(S.INDEX_CHUNK,), fill=S.UNCOMMITTED)
-    array(S.ENV_STEP, (0,), [S.INFERENCE], np.int32, chunks=(S.INDEX_CHUNK,), fill=S.UNCOMMITTED)
-    array(
-        S.ATTENTION,
-        (0, D, L, H, Q, K),
-        [S.INFERENCE, S.DENOISE, S.LAYER, S.HEAD, S.QUERY, S.KEY],
-        np.float32,
-        chunks=(1, D, L, H, Q, K),
-        coords=f"{inference_coords} {S.TIME} {key_coords}",
-        codecs=S.attention_codecs(spec.encoding),
-        attrs={"long_name": "action-token attention probabilities", "encoding": spec.encoding},
-    )
-    array(S.KEY_VALID, (0, K), [S.INFERENCE, S.KEY], bool, chunks=(1, K), fill=False,
-          coords=f"{inference_coords} {key_coords}")
-    if spec.store_language_tokens and lay.num_language:
-        N = lay.num_language
-        static(S.LANGUAGE_TOKEN, [S.LANGUAGE_TOKEN], np.arange(N, dtype=np.int16))
-        array(S.LANGUAGE_TOKEN_ID, (0, N), [S.INFERENCE, S.LANGUAGE_TOKEN], np.int32, chunks=(1, N),
-              fill=S.LANGUAGE_PAD_ID, **per_row)
-        array(S.LANGUAGE_TOKEN_TEXT, (0, N), [S.INFERENCE, S.LANGUAGE_TOKEN], str, chunks=(1, N),
-              fill="", **per_row)
-    if spec.image_shape is not None:
-        cams = [c for c, present in zip(lay.cameras, lay.camera_present) if present]
-        static(S.CAMERA, [S.CAMERA], np.asarray(cams, dtype=str))
-        h, w, c = spec.image_shape
-        array(S.IMAGES, (0, len(cams), h, w, c), [S.INFERENCE, S.CAMERA, S.HEIGHT, S.WIDTH, S.CHANNEL],
-              np.uint8, chunks=(1, len(cams), h, w, c), **per_row,
-              attrs={"long_name": "policy input images after lerobot's processors (upright, as the policy saw them)"})
-    if spec.action_shape is not None:
-        chunk, dim = spec.action_shape
-        array(S.ACTIONS, (0, chunk, dim), [S.INFERENCE, S.ACTION_STEP, S.ACTION_DIM], np.float32,
-              chunks=(1, chunk, dim), **per_row, attrs={"long_name": "predicted action chunk (policy output space)"})
-    if spec.prefix_layers:
-        PL, _, P, _ = spec.prefix_attention_shape_per_inference
-        static(S.PREFIX_LAYER, [S.PREFIX_LAYER], np.asarray(spec.prefix_layers, np.int16))
-        array(S.PREFIX_ATTENTION, (0, PL, H, P, P),
-              [S.INFERENCE, S.PREFIX_LAYER, S.HEAD, S.PREFIX_QUERY, S.PREFIX_KEY], np.float32,
-              chunks=(1, PL, H, P, P), codecs=S.attention_codecs(spec.encoding), **per_row,
-              attrs={"long_name": "VLM prefix self-attention probabilities"})
-
-    # per-episode table
-    ep_chunks = (1024,)
-    array(S.EPISODE_INDEX, (0,), [S.EPISODE_INDEX], np.int64, chunks=ep_chunks, fill=S.UNCOMMITTED)
-    array(S.TASK_GROUP, (0,), [S.EPISODE_INDEX], str, chunks=ep_chunks, fill="")
-    array(S.TASK_ID, (0,), [S.EPISODE_INDEX], np.int32, chunks=ep_chunks, fill=-1)
-    array(S.TASK, (0,), [S.EPISODE_INDEX], str, chunks=ep_chunks, fill="")
-    array(S.SUCCESS, (0,), [S.EPISODE_INDEX], bool, chunks=ep_chunks, fill=False)
-    array(S.NUM_ENV_STEPS, (0,), [S.EPISODE_INDEX], np.int32, chunks=ep_chunks, fill=0)
+        attrs = dict(var.attrs)
+        if var.attention_codec:
+            attrs["encoding"] = spec.encoding
+        if var.coordinates:
+            attrs["coordinates"] = var.coordinates
+        if attrs:
+            arr.attrs.update(attrs)
+        if var.role == "coord":
+            arr[...] = values
 
 
 def finish_store(path: Path, group, status: str) -> None:

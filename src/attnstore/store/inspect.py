@@ -1,7 +1,7 @@
-"""``attnstore inspect``: a human summary of an attention store, a legacy ``.pt`` file or a folder of them.
+"""A human summary of an attention store (``attnstore inspect STORE``).
 
 Nothing big is read: a store's attention chunks are never touched (only index columns, the
-per-episode table and metadata), and legacy files are opened with ``mmap`` (tensor data stays on disk).
+per-episode table and metadata).
 """
 
 from __future__ import annotations
@@ -25,27 +25,9 @@ STATUS_TEXT = {
 }
 
 
-def inspect_path(path: str | os.PathLike[str]) -> str:
-    """The inspection text for a store, a legacy ``.pt`` file or a folder of ``.pt`` files."""
-    return inspect_report(path)[0]
-
-
-def inspect_report(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """(text, number of unreadable files). A single bad file or store raises a one-line error."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path} does not exist: pass an attention.zarr store, a .pt file or a folder of them")
-    if path.is_dir() and (path / "zarr.json").is_file():
-        return inspect_store(path), 0
-    if path.is_file():
-        return inspect_legacy_file(path), 0
-    return _inspect_legacy_folder(path)
-
-
 # ---- store -------------------------------------------------------------------------------------
 def inspect_store(path: Path) -> str:
-    from attnstore.readers.open import RUN_ATTR, STATUS_ATTR, open_attention, read_spec, spec_of
-    from attnstore.store.export_pt import episode_table
+    from attnstore.store.open import RUN_ATTR, STATUS_ATTR, episode_table, open_attention, read_spec, spec_of
     from attnstore.store.writer import directory_bytes
 
     read_spec(path)  # a one-line error for a foreign zarr store before xarray gets to it
@@ -62,7 +44,7 @@ def inspect_store(path: Path) -> str:
 
     out = [f"Attention store: {path}"]
     out.append(f"  status:       {STATUS_TEXT.get(status, status)}")
-    out.append(f"  size on disk: {_human(directory_bytes(path))}")
+    out.append(f"  size on disk: {human_bytes(directory_bytes(path))}")
     out.append(f"  encoding:     {spec.encoding} (max abs error {S.MAX_ABS_ERROR[spec.encoding]:.2g})")
     out.append(
         f"  episodes:     {len(episodes)} ({len(episodes) - len(incomplete)} complete, {len(incomplete)} incomplete)"
@@ -119,86 +101,17 @@ def inspect_store(path: Path) -> str:
     out.append("")
     out.append("Run")
     if run:
-        out.extend(f"  {k}: {_compact(v)}" for k, v in run.items())
+        out.extend(f"  {k}: {compact(v)}" for k, v in run.items())
     else:
         out.append("  (no run attrs)")
     return "\n".join(out)
 
 
-# ---- legacy ------------------------------------------------------------------------------------
-def inspect_legacy_file(path: Path) -> str:
-    """Like the guide's ``inspect_saved_attention.py``: metadata, structure, an example entry, size."""
-    from attnstore.store import legacy_pt as L
-
-    data = L.load_legacy(path)
-    info = L.validate_legacy(data, path, check_values=False)
-    meta = info.metadata
-    first = data[L.ROLLOUT_STEPS][0]
-    last_d = info.denoise_keys[-1]
-    example = first[L.ATTENTION_MAPS][last_d]
-    steps = info.rollout_steps
-    gaps = sorted(set(np.diff(steps).tolist())) if len(steps) > 1 else []
-    size = path.stat().st_size
-    out = [f"File: {path.name}  ({path})"]
-    out.append("  Metadata:")
-    out.append(f"    Episode Index: {meta.get(L.EPISODE_INDEX)}")
-    out.append(f"    Number of rollout steps: {meta.get(L.NUM_ROLLOUT_STEPS)}")
-    out.append(f"    Number of denoising steps per action: {meta.get(L.NUM_DENOISING_STEPS)}")
-    hint = info.hint
-    if hint:
-        task = f"{hint.get(S.TASK_GROUP, '?')}_{hint.get(S.TASK_ID, '?')}"
-        out.append(
-            f"    attnstore export: task {task}, success {hint.get(S.SUCCESS, '?')}, "
-            f"env steps {hint.get(S.NUM_ENV_STEPS, '?')}, one entry per "
-            f"{'env step' if hint.get('every_env_step') else 'inference'}"
-        )
-    out.append("  Structure:")
-    out.append(f"    Entries (rollout steps) in file: {len(steps)}")
-    out.append(f"    rollout_step values: {steps[0]} .. {steps[-1]} (spacing {gaps if gaps else '-'})")
-    out.append(f"    Denoising steps per entry: {len(info.denoise_keys)} (keys {list(info.denoise_keys)})")
-    out.append(f"  Example (rollout step {first[L.ROLLOUT_STEP]}, denoising step {last_d}):")
-    out.append(f"    Time: t={float(example[L.TIME]):.3f}")
-    out.append(f"    Prefix length (visual+language tokens): {info.prefix_len}")
-    out.append(f"    Suffix length (action tokens): {info.suffix_len}")
-    out.append(f"    Layers saved: {', '.join(map(str, info.layers))}")
-    for layer in info.layers:
-        shape = tuple(example[L.ATTENTION_WEIGHTS][layer].shape)
-        out.append(f"    Layer {layer} attention shape: {shape} {info.dtype}")
-    q = "total_seq" if info.full_matrix else "query"
-    out.append(f"      (batch=1, heads={info.num_heads}, {q}={info.tensor_shape[2]}, key={info.tensor_shape[3]})")
-    out.append(f"      where key = prefix_len + suffix_len = {info.prefix_len} + {info.suffix_len}")
-    out.append(
-        f"  File Size: {_human(size)} ({len(steps)} rollout steps x {len(info.denoise_keys)} denoising steps "
-        f"x {len(info.layers)} layers)"
-    )
-    return "\n".join(out)
-
-
-def _inspect_legacy_folder(path: Path) -> tuple[str, int]:
-    files = sorted(p for p in path.rglob("*.pt") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise StoreError(f"{path} is neither an attention store (no zarr.json) nor a folder with .pt files")
-    parts = [f"Found {len(files)} attention map files in {path}"]
-    bad = 0
-    for f in files:
-        parts.append("")
-        parts.append("=" * 80)
-        try:
-            parts.append(inspect_legacy_file(f))
-        except AttnStoreError as exc:
-            bad += 1
-            parts.append(f"File: {f.name}  ({f})\n  UNREADABLE: {exc}")
-    total = sum(f.stat().st_size for f in files)
-    parts.append("")
-    parts.append(f"Total: {len(files)} files, {_human(total)}" + (f", {bad} unreadable" if bad else ""))
-    return "\n".join(parts), bad
-
-
 # ---- helpers -----------------------------------------------------------------------------------
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     """Bytes in a readable unit.
 
-    >>> _human(512), _human(2_500_000), _human(2_800_000_000)
+    >>> human_bytes(512), human_bytes(2_500_000), human_bytes(2_800_000_000)
     ('512 B', '2.5 MB', '2.8 GB')
     """
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -207,6 +120,6 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _compact(value: Any, limit: int = 200) -> str:
+def compact(value: Any, limit: int = 200) -> str:
     text = json.dumps(value, default=str) if isinstance(value, (Mapping, list, tuple)) else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -33,26 +33,56 @@ from attnstore.store.lock import release_lock
 
 
 
-@dataclass
-class InferenceBatch:
+class InferenceBatch(Mapping):
     """One policy inference for B batch elements (each element is its own episode).
 
-    Arrays may be numpy arrays or (CPU) torch tensors; shapes use the store's spec:
-    D denoise steps, L layers, H heads, Q action tokens, K keys, N language tokens, C stored cameras.
+    A mapping from the schema's per-inference variable names (``attention``, ``key_valid``, ``images``,
+    ``actions``, ``state``, ...; see :data:`attnstore.schema.VARIABLES`) to arrays with B rows, checked
+    against the store's spec by the writer. Arrays may be numpy arrays or (CPU) torch tensors. Besides the
+    variables: ``episodes`` (B,) and ``env_steps`` (B,) ints, ``times`` (D,) the flow-matching t actually
+    used (checked against the spec), ``keep`` (B,) bool rows to store (None = all; finished envs are
+    dropped) and ``ready``, called on the writer thread before reading (e.g. a CUDA event sync).
+
+    >>> batch = InferenceBatch(episodes=[0], env_steps=[0], attention=np.zeros((1, 2)), key_valid=None)
+    >>> sorted(batch), batch.batch_size, batch.images is None
+    (['attention'], 1, True)
     """
 
-    episodes: Any  # (B,) int: the episode index of each batch element
-    env_steps: Any  # (B,) int: env step (= video frame) at which the policy ran
-    attention: Any  # (B, D, L, H, Q, K) float probabilities
-    key_valid: Any  # (B, K) bool: False for padding / missing cameras
-    times: Any = None  # (D,) the flow-matching t actually used; checked against the spec
-    language_token_id: Any = None  # (B, N) int, -1 for padding
-    language_token_text: Any = None  # (B, N) str, "" for padding
-    images: Any = None  # (B, C, H, W, 3) uint8, what the policy saw
-    actions: Any = None  # (B, chunk, action_dim) float predicted action chunk
-    prefix_attention: Any = None  # (B, PL, H, P, P) float
-    keep: Any = None  # (B,) bool: rows to store (finished envs are dropped); None = all
-    ready: Callable[[], None] | None = None  # called on the writer thread before reading (e.g. CUDA event sync)
+    def __init__(self, episodes: Any, env_steps: Any, *, times: Any = None, keep: Any = None,
+                 ready: Callable[[], None] | None = None, **variables: Any) -> None:
+        unknown = sorted(set(variables) - set(S.VARIABLE))
+        if unknown:
+            raise SchemaError(f"InferenceBatch: unknown variables {unknown}; the schema has {sorted(S.VARIABLE)}")
+        self.episodes, self.env_steps, self.times, self.keep, self.ready = episodes, env_steps, times, keep, ready
+        self._data = {k: v for k, v in variables.items() if v is not None}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._data[name]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, name: str) -> Any:  # batch.images: the variable, None when not given
+        if name.startswith("_") or name not in S.VARIABLE:
+            raise AttributeError(name)
+        return self._data.get(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # batch.images = ...: sets the variable
+        if name in S.VARIABLE:
+            self[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name not in S.VARIABLE:
+            raise SchemaError(f"InferenceBatch: unknown variable {name!r}; the schema has {sorted(S.VARIABLE)}")
+        if value is None:
+            self._data.pop(name, None)
+        else:
+            self._data[name] = value
 
     @property
     def batch_size(self) -> int:
@@ -245,102 +275,69 @@ class AttentionWriter:
             rollouts[i] = self._next_rollout[int(ep)]
             self._next_rollout[int(ep)] += 1
 
-        data: dict[str, np.ndarray] = {
-            S.ATTENTION: _np(batch.attention, np.float32)[rows],
-            S.KEY_VALID: _np(batch.key_valid).astype(bool)[rows],
-        }
-        optional = {
-            S.LANGUAGE_TOKEN_ID: (batch.language_token_id, np.int32),
-            S.LANGUAGE_TOKEN_TEXT: (batch.language_token_text, None),
-            S.IMAGES: (batch.images, np.uint8),
-            S.ACTIONS: (batch.actions, np.float32),
-            S.PREFIX_ATTENTION: (batch.prefix_attention, np.float32),
-        }
-        for name, (value, dtype) in optional.items():
-            if name in self._arrays:
-                data[name] = _np(value, dtype)[rows]
+        data = {var.name: _np(batch[var.name], var.numpy_dtype)[rows] for var in S.batch_variables(self.spec)}
         if self.spec.encoding == "uint16":  # checked before anything is resized: nothing half-written
-            for name in (S.ATTENTION, S.PREFIX_ATTENTION):
-                if name in data:
-                    _check_finite(name, data[name], episodes, env_steps)
+            for var in S.batch_variables(self.spec):
+                if var.attention_codec:
+                    _check_finite(var.name, data[var.name], episodes, env_steps)
         data[S.ENV_STEP] = env_steps
         data[S.ROLLOUT] = rollouts
-
-        for name in (*data, S.EPISODE):
-            arr = self._arrays[name]
-            arr.resize((n, *arr.shape[1:]))
-        for name, values in data.items():  # data first ...
-            self._arrays[name][n0:n] = values
-        self._arrays[S.EPISODE][n0:n] = episodes  # ... commit marker last
+        self._append_rows(S.EPISODE, n0, data, episodes)
         self._rows = n
         self.stats.rows += rows.size
         self.stats.attention_bytes += data[S.ATTENTION].nbytes
 
     def _write_episode(self, record: EpisodeRecord) -> None:
         i = self._episode_rows
-        values = {
-            S.TASK_GROUP: str(record.task_group),
-            S.TASK_ID: int(record.task_id),
-            S.TASK: str(record.task),
-            S.SUCCESS: bool(record.success),
-            S.NUM_ENV_STEPS: int(record.num_env_steps),
+        data = {
+            var.name: np.asarray([getattr(record, var.name)], dtype=var.numpy_dtype)
+            for var in S.stored_variables(self.spec, "episode")
+            if var.name != S.EPISODE_INDEX
         }
-        for name in (*values, S.EPISODE_INDEX):
-            self._arrays[name].resize((i + 1,))
-        for name, value in values.items():
-            self._arrays[name][i] = value
-        self._arrays[S.EPISODE_INDEX][i] = int(record.episode)  # commit marker last
+        self._append_rows(S.EPISODE_INDEX, i, data, np.asarray([int(record.episode)], np.int64))
         self._episode_rows = i + 1
         self.stats.episodes += 1
+
+    def _append_rows(self, marker: str, n0: int, data: Mapping[str, np.ndarray], marks: np.ndarray) -> None:
+        """The commit protocol: grow every array, write the data, then the commit marker last."""
+        n = n0 + len(marks)
+        for name in (*data, marker):
+            arr = self._arrays[name]
+            arr.resize((n, *arr.shape[1:]))
+        for name, values in data.items():  # data first ...
+            self._arrays[name][n0:n] = values
+        self._arrays[marker][n0:n] = marks  # ... commit marker last
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 def _validate_batch(batch: InferenceBatch, spec: StoreSpec) -> None:
-    """Shape checks on the caller's thread, so a mistake fails where it was made."""
+    """Checks against the variable table on the caller's thread, so a mistake fails where it was made."""
     b = batch.batch_size
-    lay = spec.layout
-
-    def check(name: str, value: Any, shape: tuple[int, ...]) -> None:
-        got = tuple(value.shape)
-        if got != shape:
-            raise SchemaError(f"InferenceBatch.{name}: expected shape {shape}, got {got}")
-
     if len(batch.env_steps) != b:
         raise SchemaError(f"InferenceBatch.env_steps: expected {b} values, got {len(batch.env_steps)}")
-    check("attention", batch.attention, (b, *spec.attention_shape_per_inference))
-    check("key_valid", batch.key_valid, (b, lay.num_keys))
+    if batch.keep is not None and len(batch.keep) != b:
+        raise SchemaError(f"InferenceBatch.keep: expected {b} flags, got {len(batch.keep)}")
     if batch.times is not None:
         times = _np(batch.times, np.float64).reshape(-1)
         if times.shape != (len(spec.times),) or not np.allclose(times, spec.times, atol=1e-5):
             raise SchemaError(f"InferenceBatch.times {times.tolist()} differ from the store's {list(spec.times)}")
-    n_cams = sum(lay.camera_present)
-    wanted = {
-        "images": (S.IMAGES, None if spec.image_shape is None else (b, n_cams, *spec.image_shape)),
-        "actions": (S.ACTIONS, None if spec.action_shape is None else (b, *spec.action_shape)),
-        "prefix_attention": (
-            S.PREFIX_ATTENTION,
-            (b, *spec.prefix_attention_shape_per_inference) if spec.prefix_layers else None,
-        ),
-    }
-    if spec.store_language_tokens and lay.num_language:
-        wanted["language_token_id"] = (S.LANGUAGE_TOKEN_ID, (b, lay.num_language))
-        wanted["language_token_text"] = (S.LANGUAGE_TOKEN_TEXT, (b, lay.num_language))
-    for attr, (_, shape) in wanted.items():
-        value = getattr(batch, attr)
-        if shape is None:
-            continue
-        if value is None:
-            raise SchemaError(f"InferenceBatch.{attr} is required by this store's spec")
-        check(attr, value, shape)
-    if batch.keep is not None and len(batch.keep) != b:
-        raise SchemaError(f"InferenceBatch.keep: expected {b} flags, got {len(batch.keep)}")
+    wanted = S.batch_variables(spec)
+    extra = sorted(set(batch) - {v.name for v in wanted})
+    if extra:
+        raise SchemaError(f"InferenceBatch carries {extra}, which this store's spec does not store")
+    for var in wanted:
+        if var.name not in batch:
+            raise SchemaError(f"InferenceBatch.{var.name} is required by this store's spec")
+        shape, got = (b, *var.row_shape(spec)), tuple(np.shape(batch[var.name]))
+        if got != shape:
+            raise SchemaError(f"InferenceBatch.{var.name}: expected shape {shape}, got {got}")
 
 
 def _np(value: Any, dtype: Any = None) -> np.ndarray:
     """numpy view of a numpy array or a CPU torch tensor (bf16/fp16 widened to float32)."""
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
         value = value.detach()
-        if dtype is np.float32 and value.is_floating_point():
+        if dtype is not None and np.dtype(dtype).kind == "f" and value.is_floating_point():
             value = value.float()
         value = value.cpu().numpy()
     arr = np.asarray(value)
