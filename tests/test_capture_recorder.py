@@ -332,3 +332,24 @@ def test_bad_requests_fail_in_one_line(tiny, tmp_path):
         AttentionRecorder(torch.nn.Linear(2, 2), writer)
     writer.close()
     assert not (tmp_path / "x.zarr").exists()  # nothing half-written
+
+
+def test_robot_state_the_policy_saw_is_stored_per_row(tiny, tmp_path):
+    policy, pre, _ = tiny
+    batch = pre(observation(2, seed=3))
+    expected = batch["observation.state"].float().numpy()  # what the model got, after lerobot's processors
+    store = tmp_path / "attention.zarr"
+    with AttentionWriter(store) as writer, AttentionRecorder(policy, writer, layers="last:1") as rec:
+        policy.reset()
+        policy.select_action(batch)
+        assert rec.spec.extra_shapes == {S.STATE: (8,)}
+    ds = open_attention(store)
+    assert ds[S.STATE].dims == (S.INFERENCE, S.STATE_DIM)
+    np.testing.assert_array_equal(ds[S.STATE].values, expected)
+    assert ds[S.STATE].sel(episode=1, rollout=0).values.tolist() == expected[1].tolist()
+
+    off = tmp_path / "no_state.zarr"
+    with AttentionWriter(off) as writer, AttentionRecorder(policy, writer, layers="last:1", state=False):
+        policy.reset()
+        policy.select_action(batch)
+    assert S.STATE not in open_attention(off)

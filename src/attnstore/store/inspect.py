@@ -7,7 +7,6 @@ per-episode table and metadata).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from attnstore import schema as S
-from attnstore.errors import AttnStoreError, StoreError
 
 MAX_EPISODE_LINES = 40
 STATUS_TEXT = {
@@ -64,7 +62,8 @@ def inspect_store(path: Path) -> str:
     out.append(f"  suffix_len:    {lay.num_action} (action tokens)")
     if spec.prefix_layers:
         out.append(f"  prefix layers: {list(spec.prefix_layers)} (VLM prefix self-attention)")
-    stored = [name for name in (S.IMAGES, S.ACTIONS, S.LANGUAGE_TOKEN_ID, S.PREFIX_ATTENTION) if name in ds]
+    always = (S.ATTENTION, S.KEY_VALID, S.LANGUAGE_TOKEN_TEXT)  # shown above, or a companion of the token ids
+    stored = [v.name for v in S.batch_variables(spec) if v.name not in always and v.name in ds]
     out.append(f"  also stored:   {', '.join(stored) if stored else 'nothing else'}")
     out.append("")
     out.append("Key regions")
