@@ -10,6 +10,7 @@ a chosen commit and checks the store against what the child had reported.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from attnstore import schema as S
@@ -176,11 +178,16 @@ def test_a_killed_store_can_be_appended_to_and_killed_again(tmp_path, pool):
 
 
 # ---- a kill between resizes: arrays of the inference axis left at different lengths ------------
-@pytest.fixture
-def committed_store(tmp_path):
+@pytest.fixture(params=["snapshot", "no snapshot"])
+def committed_store(tmp_path, request):
     spec = make_spec(num_language=6, num_action=5, grid=4, num_heads=2, image_size=8)
     truth = write_synthetic_store(tmp_path / "a.zarr", spec, episodes={0: 3, 1: 2}, status="writing",
                                   finish_episodes={0})
+    if request.param == "no snapshot":  # as an attnstore before the readers' snapshot left a killed store
+        root = tmp_path / "a.zarr" / "zarr.json"
+        meta = json.loads(root.read_text())
+        assert meta.pop("consolidated_metadata")
+        root.write_text(json.dumps(meta))
     # that writer is left open in this process; a killed one leaves its lock naming a dead process
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -200,6 +207,10 @@ def _grow(path: Path, names, by: int = 1, write: bool = True) -> None:
 
 
 def assert_committed_rows_intact(path: Path, truth) -> None:
+    if json.loads((path / "zarr.json").read_text()).get("consolidated_metadata"):
+        plain = xr.open_zarr(path)  # the snapshot: every array at the last commit's length
+        assert plain.sizes[S.INFERENCE] == len(truth["rows"])
+        assert (plain.episode.values != S.UNCOMMITTED).all()
     ds = open_attention(path)
     assert list(zip(ds.episode.values.tolist(), ds.rollout.values.tolist())) == truth["rows"]
     assert np.abs(ds.attention.values - truth["attention"]).max() <= S.MAX_ABS_ERROR["uint16"]

@@ -1,16 +1,15 @@
 """Creating, opening and finishing a store on disk (the writer's file-level side).
 
 ``preflight`` refuses a bad path or mode before anything runs; ``open_for_writing`` takes the
-writer lock and creates every array of the schema (or reopens a store to append to it);
-``finish_store`` records the final status and consolidates metadata at close.
+writer lock and creates every array of the schema beside the final path, then renames it into place
+(or reopens a store to append to it). The writer's commits and its final status go through
+:mod:`attnstore.store.snapshot`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from attnstore import schema as S
 from attnstore.errors import StoreError
 from attnstore.schema import StoreSpec
 from attnstore.store.lock import acquire_lock, refuse_if_locked, release_lock
+from attnstore.store.snapshot import consolidate
 
 WriteMode = Literal["create", "overwrite", "append"]
 
@@ -68,6 +68,7 @@ def _prepare_store(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, m
     exists = non_empty(path)
     if mode == "create" and exists:  # appeared since the preflight
         raise StoreError(f"{path} already exists: choose a fresh path, or overwrite it (--overwrite on the CLI)")
+    _remove_leftovers(path)  # we hold the lock: whoever made them is gone
     if mode == "append":
         group = open_existing(path)
         stored, _ = S.read_root_attrs(group.attrs, str(path))
@@ -77,22 +78,41 @@ def _prepare_store(path: Path, spec: StoreSpec, run: Mapping[str, Any] | None, m
                 f"(layers {stored.layers}, denoise {stored.denoise_steps}, encoding {stored.encoding}); "
                 f"write to a new store instead"
             )
-        _drop_consolidated_metadata(path)
         group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         info = dict(group.attrs[S.ROOT_ATTR])
         info["status"] = "writing"
         group.attrs[S.ROOT_ATTR] = info
         return group
-    if exists:  # mode == "overwrite", and _preflight checked it is an attnstore store
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final path and renamed into place: a kill during creation leaves nothing at
+    # `path` (only a hidden leftover that the next writer removes), never a half-made store.
+    building = _sibling(path, "creating")
     try:
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group = zarr.open_group(str(building), mode="w-", zarr_format=3)
         group.attrs.update(S.root_attrs(spec, run, status="writing"))
         _create_arrays(group, spec)
+        consolidate(building)
+        if exists:  # mode == "overwrite", and the preflight checked it is an attnstore store
+            replaced = _sibling(path, "replaced")
+            os.replace(path, replaced)
+            os.replace(building, path)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(building, path)
     except OSError as exc:
+        shutil.rmtree(building, ignore_errors=True)
         raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
-    return group
+    return zarr.open_group(str(path), mode="r+", use_consolidated=False)
+
+
+def _sibling(path: Path, what: str) -> Path:
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}")
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Hidden siblings of a killed writer's creation or overwrite (``.NAME.creating-PID``)."""
+    for what in ("creating", "replaced"):
+        for leftover in path.parent.glob(f".{path.name}.{what}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def open_existing(path: Path):
@@ -142,24 +162,3 @@ def _create_arrays(group, spec: StoreSpec) -> None:
             arr.attrs.update(attrs)
         if var.role == "coord":
             arr[...] = values
-
-
-def finish_store(path: Path, group, status: str) -> None:
-    import zarr
-
-    info = dict(group.attrs[S.ROOT_ATTR])
-    info["status"] = status
-    group.attrs[S.ROOT_ATTR] = info
-    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": xarray reads it
-        warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
-
-
-def _drop_consolidated_metadata(path: Path) -> None:
-    """Consolidated metadata goes stale once arrays grow; remove it while appending."""
-    meta_path = path / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    if meta.pop("consolidated_metadata", None) is not None:
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)

@@ -39,14 +39,16 @@ def open_attention(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Da
     path = Path(path)
     spec, info = read_spec(path)
     consolidated = _has_consolidated_metadata(path)
-    try:
-        # chunks=None would give non-dask lazy arrays that cache whole variables once touched;
-        # {} keeps dask on the store's own chunks (one inference per chunk).
-        ds = xr.open_zarr(path, consolidated=consolidated, chunks={} if chunks is None else chunks, zarr_format=3)
-    except ValueError as exc:
-        if "conflicting sizes" not in str(exc):
-            raise StoreError(f"cannot open {path}: {exc}") from exc
+    if not consolidated and not _even_lengths(path):
+        # a store of an older attnstore killed mid-append (newer ones keep a consistent snapshot)
         ds = _open_uneven(path, chunks)
+    else:
+        try:
+            # chunks=None would give non-dask lazy arrays that cache whole variables once touched;
+            # {} keeps dask on the store's own chunks (one inference per chunk).
+            ds = xr.open_zarr(path, consolidated=consolidated, chunks={} if chunks is None else chunks, zarr_format=3)
+        except ValueError as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from exc
     ds = committed_rows(ds)
     small = [c for c in (S.ENV_STEP, S.TIME, *S.KEY_COORDS) if c in ds.coords]
     ds = ds.assign_coords({c: ds[c].load() for c in small})  # tiny; eager so .where/.sel on them is cheap
@@ -106,6 +108,23 @@ def _has_consolidated_metadata(path: Path) -> bool:
         return False
 
 
+def _growing_lengths(group) -> dict[str, set[int]]:
+    """Lengths each growing axis (inference, episode_index) has across the group's arrays."""
+    lengths: dict[str, set[int]] = {}
+    for _, arr in group.arrays():
+        for dim, size in zip(arr.metadata.dimension_names or (), arr.shape):
+            if dim in (S.INFERENCE, S.EPISODE_INDEX):
+                lengths.setdefault(dim, set()).add(int(size))
+    return lengths
+
+
+def _even_lengths(path: Path) -> bool:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    return all(len(sizes) == 1 for sizes in _growing_lengths(group).values())
+
+
 def _open_uneven(path: Path, chunks: Any) -> xr.Dataset:
     """Open a store left mid-append: cut every array of a growing axis to the shortest one."""
     import dask.array as da
@@ -114,11 +133,7 @@ def _open_uneven(path: Path, chunks: Any) -> xr.Dataset:
     group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     arrays = dict(group.arrays())
     dims = {name: tuple(arr.metadata.dimension_names) for name, arr in arrays.items()}
-    lengths: dict[str, int] = {}
-    for name, arr in arrays.items():
-        for dim, size in zip(dims[name], arr.shape):
-            if dim in (S.INFERENCE, S.EPISODE_INDEX):
-                lengths[dim] = min(lengths.get(dim, size), size)
+    lengths = {dim: min(sizes) for dim, sizes in _growing_lengths(group).items()}
     variables = {}
     coord_names: set[str] = set()
     for name, arr in arrays.items():

@@ -4,10 +4,12 @@ The caller (the inference loop) hands over one :class:`InferenceBatch` per polic
 on; a single background thread encodes and writes it. The queue between them is bounded, so a slow
 disk slows the caller down (back-pressure) instead of filling RAM.
 
-Crash safety: every row is written data-first and its ``episode`` index last (the commit marker).
+Crash safety: every row is written data-first and its ``episode`` index last (the commit marker),
+then the root ``zarr.json``'s consolidated shapes are replaced (:mod:`attnstore.store.snapshot`).
 Each chunk is written whole (one chunk per inference row for the large arrays), and zarr's local
-store replaces files by rename, so a killed process leaves every committed row readable and the
-uncommitted ones invisible (their ``episode`` reads as the fill value -1).
+store replaces files by rename, so a killed process leaves every committed row readable, the
+uncommitted ones invisible (their ``episode`` reads as the fill value -1), and arrays whose
+consolidated shapes agree, for plain ``xr.open_zarr`` too.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import numpy as np
 from attnstore import schema as S
 from attnstore.errors import AttnStoreError, SchemaError, WriterError
 from attnstore.schema import EpisodeRecord, StoreSpec
-from attnstore.store.create import WriteMode, finish_store, open_for_writing, preflight
+from attnstore.store.create import WriteMode, open_for_writing, preflight
 from attnstore.store.lock import release_lock
+from attnstore.store.snapshot import Snapshot
 
 
 
@@ -161,6 +164,7 @@ class AttentionWriter:
         self._group = open_for_writing(self.path, spec, self.run, self.mode)
         self.spec = spec
         self._arrays = {name: arr for name, arr in self._group.arrays()}
+        self._snapshot = Snapshot(self.path)  # what readers see: rewritten after every commit
         self._rows = int(self._arrays[S.EPISODE].shape[0])
         self._episode_rows = int(self._arrays[S.EPISODE_INDEX].shape[0])
         self._next_rollout = _committed_counts(self._arrays[S.EPISODE][:]) if self._rows else Counter()
@@ -208,7 +212,7 @@ class AttentionWriter:
             self._queue.put(_STOP)
             self._thread.join()
             self._raise_thread_error()
-            finish_store(self.path, self._group, status)
+            self._snapshot.finish(status)
         finally:
             release_lock(self.path)
         self.stats.store_bytes = directory_bytes(self.path)
@@ -299,7 +303,7 @@ class AttentionWriter:
         self.stats.episodes += 1
 
     def _append_rows(self, marker: str, n0: int, data: Mapping[str, np.ndarray], marks: np.ndarray) -> None:
-        """The commit protocol: grow every array, write the data, then the commit marker last."""
+        """The commit protocol: grow every array, write the data, the commit marker, then the readers' snapshot."""
         n = n0 + len(marks)
         for name in (*data, marker):
             arr = self._arrays[name]
@@ -307,6 +311,7 @@ class AttentionWriter:
         for name, values in data.items():  # data first ...
             self._arrays[name][n0:n] = values
         self._arrays[marker][n0:n] = marks  # ... commit marker last
+        self._snapshot.commit({name: self._arrays[name].shape for name in (*data, marker)})  # ... then show it
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""The store's reader snapshot: consolidated metadata in the root ``zarr.json``, rewritten after every commit.
+
+Zarr keeps each array's shape in its own ``zarr.json``, so a run killed between the resizes of one append
+leaves arrays of different lengths, which plain ``xr.open_zarr`` refuses ("conflicting sizes"). Readers
+that use consolidated metadata (``xr.open_zarr``'s default, ``zarr.open_group``'s default, and
+``open_attention``) read every array's shape from the root ``zarr.json`` instead. The writer rewrites it
+once per commit, after the data and the commit marker, in one atomic file replace: every reader sees the
+shapes of the last finished commit, all equal, whatever moment a kill hit.
+
+The snapshot is kept in memory (shapes change, nothing else does), so a commit costs one small JSON write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from attnstore.schema import ROOT_ATTR
+
+ROOT_META = "zarr.json"
+
+
+def consolidate(path: Path) -> None:
+    """Write consolidated metadata of the whole store as zarr does (creation, close)."""
+    import zarr
+
+    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": xarray and zarr read it
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+class Snapshot:
+    """The root metadata of a store with consolidated array metadata, updated in place per commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        consolidate(self.path)
+        self._root: dict[str, Any] = json.loads((self.path / ROOT_META).read_text())
+        self._arrays: dict[str, Any] = self._root["consolidated_metadata"]["metadata"]
+
+    def commit(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Record the arrays' new shapes and replace the root ``zarr.json`` atomically."""
+        for name, shape in shapes.items():
+            self._arrays[name]["shape"] = list(shape)
+        self._write()
+
+    def finish(self, status: str) -> None:
+        """The store's final status (``closed``, ``interrupted``), in the same one atomic write."""
+        self._root["attributes"][ROOT_ATTR]["status"] = status
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path / f".{ROOT_META}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self._root, indent=2))
+        os.replace(tmp, self.path / ROOT_META)
