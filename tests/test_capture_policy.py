@@ -119,6 +119,26 @@ def test_bad_paths_fail_in_one_line(tmp_path, cached_tiny):
         load_policy(act)
 
 
+def test_one_checkpoint_module_checks_types_and_resolves(cached_tiny):
+    from lerobot.configs import PreTrainedConfig
+
+    from attnstore.capture.checkpoint import require_pi05, resolve
+
+    path, (policy, _, _) = cached_tiny
+    for ok in (policy, policy.config, PreTrainedConfig.from_pretrained(path), {"type": "pi05"}, "pi05"):
+        require_pi05(ok)
+    for bad in (torch.nn.Linear(2, 2), {"type": "act"}, "act", None):
+        with pytest.raises(CaptureError, match=r"records lerobot's Pi0.5 policies only \(supported types: pi05\)$"):
+            require_pi05(bad)
+    ckpt = resolve(path)
+    assert (ckpt.local, ckpt.tiny, ckpt.source) == (True, True, str(path.resolve()))
+    assert resolve("tiny").source == ckpt.source  # the cached one
+    assert ckpt.processor_overrides()["tokenizer_processor"] == {"tokenizer_name": str(path.resolve() / "tokenizer")}
+    assert ckpt.depths(policy.config) == (2, 2)
+    hub = resolve("lerobot/pi05_libero")  # a hub id is handed to lerobot unchanged, never read here
+    assert (hub.local, hub.tiny, hub.processor_overrides({"a": {}})) == (False, False, {"a": {}})
+
+
 def test_cli_make_tiny_policy(tmp_path, capsys):
     out = tmp_path / "cli_tiny"
     assert main(["make-tiny-policy", str(out), "--seed", "3", "--cameras", "image"]) == 0

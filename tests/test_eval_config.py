@@ -113,6 +113,26 @@ def test_task_plans_number_episodes_run_wide():
     assert plans[1].video_name(6) == "libero_object_5/eval_episode_2.mp4"
 
 
+def test_run_info_round_trips_and_reads_other_runs():
+    from attnstore.schema import RunInfo
+
+    plans = tuple(plan_tasks([("libero_object", 0), ("libero_object", 5)], 2))
+    run = RunInfo(tool="attnstore eval", argv=("--x=1",), n_action_steps=10, task_ids=(0, 5), tasks=plans,
+                  attention={"layers": "last:2"})
+    data = run.to_dict()
+    assert data["tasks"] == [p.to_dict() for p in plans] and data["task_ids"] == [0, 5] and data["argv"] == ["--x=1"]
+    assert RunInfo.from_dict(data) == run
+    assert [run.video_index(e) for e in range(5)] == [0, 1, 0, 1, 4]  # 4: outside every task, unchanged
+    assert all(run.video_index(e) == plans[e // 2].local_index(e) for e in range(4))
+    assert run.task_guess(3) == ("libero_object", 5)
+    # a run another writer made (tests/synthetic.py's default_run): unknown keys stay readable and go back out
+    other = {"policy": "synthetic", "task_group": "libero_object", "task_ids": [0, 1, 2], "n_action_steps": 10}
+    info = RunInfo.from_dict(other)
+    assert (info.policy, info.task_ids, info.n_action_steps, info.tasks) == ("synthetic", (0, 1, 2), 10, ())
+    assert info.extra == {"task_group": "libero_object"} and info.task_guess(2) == ("libero_object", None)
+    assert {k: v for k, v in info.to_dict().items() if k in other} == other
+
+
 # ---- tracker on a real vector env -----------------------------------------------------------------
 @pytest.mark.lerobot
 def test_tracker_reports_each_env_end_once_and_deactivates_it():

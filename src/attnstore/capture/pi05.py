@@ -5,18 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from attnstore.errors import CaptureError
 
 
 def check_policy(policy) -> None:
-    try:
-        from lerobot.policies.pi05.modeling_pi05 import PI05Policy
-    except ImportError as exc:  # pragma: no cover - the capture extra is missing
-        raise CaptureError(f"capturing needs lerobot[pi]==0.6.1 ({exc}); run 'make setup'") from exc
-    if not isinstance(policy, PI05Policy):
-        raise CaptureError(
-            f"AttentionRecorder records lerobot's Pi0.5 (PI05Policy); got {type(policy).__name__}"
-        )
+    """Refuse anything but lerobot's Pi0.5 in one line (the check lives in capture/checkpoint.py)."""
+    from attnstore.capture.checkpoint import require_pi05
+
+    require_pi05(policy, what="AttentionRecorder's policy")
 
 
 def expert_layers(policy) -> Sequence[Any]:

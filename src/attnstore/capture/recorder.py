@@ -30,7 +30,7 @@ from attnstore.capture import layout as L
 from attnstore.capture.buffers import BufferRing, HostBuffers, ready_after, to_host
 from attnstore.capture.episodes import EpisodeBook
 from attnstore.capture.pi05 import check_policy, expert_layers, num_heads, vlm_layers
-from attnstore.capture.selection import Selection, parse_denoise_steps, parse_layers
+from attnstore.selection import Selection, parse_denoise_steps, parse_layers
 from attnstore.errors import CaptureError
 from attnstore.schema import StoreSpec
 from attnstore.store.writer import AttentionWriter, InferenceBatch

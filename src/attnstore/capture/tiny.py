@@ -9,8 +9,9 @@ as used by lerobot-eval) build it small. Everything else (processors, normaliser
 attention code) is lerobot's unchanged.
 
 A tiny checkpoint is a normal ``--policy.path`` directory plus a marker file
-(:data:`MARKER_NAME`) holding its dims, so loaders know to rebuild it tiny. Without the patches,
-``from_pretrained`` on it would only warn and return a random FULL-SIZE model: :func:`check_weights_loaded`
+(:data:`MARKER_NAME`) holding its dims, so loaders know to rebuild it tiny, and its own offline
+tokenizer (:mod:`attnstore.capture.tokenizer`). Without the patches, ``from_pretrained`` on it would
+only warn and return a random FULL-SIZE model: the weight check of :mod:`attnstore.capture.checkpoint`
 turns that trap into a one-line :class:`~attnstore.errors.CaptureError`.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnstore.capture.tokenizer import local_tokenizer_step, write_offline_tokenizer
 from attnstore.errors import CaptureError
 
 MARKER_NAME = "attnstore_tiny.json"
@@ -33,17 +35,6 @@ LIBERO_CAMERAS = ("image", "image2")
 IMAGE_KEY_PREFIX = "observation.images."
 LIBERO_STATE_DIM = 8
 LIBERO_ACTION_DIM = 7
-
-# Prompts the tiny tokenizer is trained on: LIBERO-like task text plus Pi0.5's state prompt format.
-_TOKENIZER_CORPUS = (
-    "Task: pick up the alphabet soup and place it in the basket, State: 12 128 255 0 77 3 200 64;\nAction: ",
-    "Task: put the bowl on the plate, State: 1 2 3 4 5 6 7 8 9 10 11 100 101 199 250;\nAction: ",
-    "Task: open the top drawer of the cabinet and put the bowl inside",
-    "Task: turn on the stove and put the moka pot on it",
-    "Task: pick up the black bowl between the plate and the ramekin and place it on the plate",
-    "Task: put both the cream cheese box and the butter in the basket",
-    "Task: push the plate to the front of the stove; pick up the ketchup, tomato sauce, milk, orange juice",
-)
 
 
 @dataclass(frozen=True)
@@ -222,7 +213,7 @@ def make_tiny_policy(
         raise CaptureError(f"{out} exists and is not a tiny attnstore checkpoint; choose an empty directory")
     config = tiny_config(cameras, empty_cameras=empty_cameras, dims=dims, n_action_steps=n_action_steps)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = _write_tokenizer(out / TOKENIZER_DIRNAME)
+    tokenizer_dir = write_offline_tokenizer(out / TOKENIZER_DIRNAME)
     policy = build_tiny_policy(config, seed=seed, dims=dims)
     policy.save_pretrained(out)
 
@@ -309,33 +300,6 @@ def example_model_batch(batch_size: int = 1, *, num_valid_tokens: int = 48, seed
     }
 
 
-def _write_tokenizer(directory: Path) -> Path:
-    """A small byte-level BPE tokenizer (offline stand-in for PaliGemma's), saved the HF way."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer=trainer)
-    bos = tok.token_to_id("<bos>")
-    # PaliGemma's tokenizer starts every prompt with <bos>; do the same
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(directory))
-    return directory
-
-
 def _libero_like_stats() -> dict[str, dict[str, Any]]:
     """Made-up but plausible LIBERO normalisation stats (q01/q99 are what QUANTILES uses)."""
     import torch
@@ -366,86 +330,6 @@ def _make_processors(config, stats, tokenizer_dir: Path):
     same class with the local path only while the pipelines are built.
     """
     from lerobot.policies import factory
-    from lerobot.policies.pi05 import processor_pi05
 
-    original = processor_pi05.TokenizerProcessorStep
-
-    def local_tokenizer_step(**kwargs):
-        kwargs["tokenizer_name"] = str(tokenizer_dir)
-        return original(**kwargs)
-
-    processor_pi05.TokenizerProcessorStep = local_tokenizer_step
-    try:
+    with local_tokenizer_step(tokenizer_dir):
         return factory.make_pre_post_processors(config, dataset_stats=stats)
-    finally:
-        processor_pi05.TokenizerProcessorStep = original
-
-
-# ---- weight check ------------------------------------------------------------------------------
-def check_weights_loaded(policy, checkpoint: str | os.PathLike[str]) -> None:
-    """Fail (one line) unless ``checkpoint``'s weights match ``policy``'s parameters key for key.
-
-    ``PI05Policy.from_pretrained`` only prints a warning when a checkpoint does not fit its model
-    and hands back random weights; this compares the safetensors' keys and shapes (after lerobot's
-    own key fixes) with the model's state_dict. Tied weights stored once count as present.
-    """
-    import logging
-
-    import torch
-    from safetensors import safe_open
-
-    file = _resolve_safetensors(checkpoint)
-    with safe_open(str(file), framework="pt") as handle:
-        stored = {k: torch.empty(tuple(handle.get_slice(k).get_shape()), device="meta") for k in handle.keys()}
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # lerobot's key fixer warns about keys it keeps unchanged
-    try:
-        fixed = policy._fix_pytorch_state_dict_keys(stored, policy.config)
-    finally:
-        logging.disable(previous)
-    stored_shapes = {(k if k.startswith("model.") else f"model.{k}"): tuple(v.shape) for k, v in fixed.items()}
-    state = policy.state_dict(keep_vars=True)
-    model_shapes = {k: tuple(v.shape) for k, v in state.items()}
-
-    missing = [k for k in model_shapes if k not in stored_shapes and not _tied_to_stored(k, state, stored_shapes)]
-    unexpected = [k for k in stored_shapes if k not in model_shapes]
-    mismatched = [
-        f"{k} {stored_shapes[k]} vs model {model_shapes[k]}"
-        for k in stored_shapes
-        if k in model_shapes and stored_shapes[k] != model_shapes[k]
-    ]
-    if missing or unexpected or mismatched:
-        examples = (mismatched or missing or unexpected)[:1]
-        hint = (
-            " (a tiny checkpoint loaded full-size? load it with attnstore's load_policy)"
-            if len(mismatched) > len(model_shapes) // 4
-            else ""
-        )
-        raise CaptureError(
-            f"checkpoint {checkpoint} does not match its config: {len(missing)} missing, "
-            f"{len(mismatched)} shape mismatches, {len(unexpected)} unexpected (e.g. {examples[0]}){hint}"
-        )
-
-
-def _tied_to_stored(key: str, state: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
-    """True when parameter ``key`` shares storage with a parameter the checkpoint holds."""
-    tensor = state[key]
-    ptr = tensor.data_ptr() if tensor.numel() else None
-    if ptr is None:
-        return False
-    return any(k in stored and k != key and v.data_ptr() == ptr for k, v in state.items())
-
-
-def _resolve_safetensors(checkpoint: str | os.PathLike[str]) -> Path:
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        file = path / "model.safetensors"
-        if not file.is_file():
-            raise CaptureError(f"{path} has no model.safetensors; is it a lerobot policy checkpoint?")
-        return file
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(str(checkpoint), "model.safetensors"))
-    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one line
-        raise CaptureError(f"cannot find model.safetensors for {checkpoint}: {type(exc).__name__}") from exc

@@ -15,15 +15,20 @@ Runs lerobot's own evaluation (rollouts, metrics, eval_info.json, videos) and re
 tokens' attention of every policy inference into a Zarr store, one row per inference.
 
 attention options (defaults in brackets):
-  --attention.layers=last:2|all|[16,17]     action-expert layers to record [last:2]
-  --attention.denoise_steps=all|final|[0,9] denoise steps to record [all]
-  --attention.episodes=[0,3]                episode indices to record (lerobot's numbering) [all]
-  --attention.prefix=false|true|[0,1]       also record the VLM prefix self-attention [false]
-  --attention.images=true|false             store the images the policy saw [true]
-  --attention.actions=true|false            store the predicted action chunks [true]
-  --attention.encoding=uint16|float32       uint16: max abs error 7.6e-6, ~4x smaller; float32: exact [uint16]
-  --attention.overwrite=true|false          replace an existing store at the same path [false]
-  --attention.store=PATH.zarr               where to write it [<output_dir>/attention.zarr]
+  --attention.layers=last:2|all|final|[16,17]       action-expert layers to record [last:2]
+  --attention.denoise_steps=all|final|last:N|[0,9]  denoise steps to record [all]
+  --attention.episodes=all|[0,3]                    episodes to record (lerobot's numbering) [all]
+  --attention.prefix=false|true|last:N|[0,1]        also record the VLM prefix self-attention
+                                                    (true: the --attention.layers ones) [false]
+  --attention.images=true|false                     store the images the policy saw [true]
+  --attention.actions=true|false                    store the predicted action chunks [true]
+  --attention.encoding=uint16|float32               uint16: max abs error 7.6e-6, ~4x smaller;
+                                                    float32: exact [uint16]
+  --attention.overwrite=true|false                  replace an existing store at the same path [false]
+  --attention.store=PATH.zarr                       where to write it [<output_dir>/attention.zarr]
+
+Layers and denoise steps share one grammar: all, final (= last:1), last:N, or indices written
+[16,17], 16,17 or 17; negative indices count from the end (-1 = the last).
 
 example (tiny offline policy, one short episode):
   attnstore eval --policy.path=tiny --env.type=libero --env.task=libero_object --env.task_ids='[0]' \\

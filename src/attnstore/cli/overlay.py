@@ -19,6 +19,9 @@ Without --steps/--rollouts/--all: every captured inference, or with --video only
 examples:
   attnstore overlay outputs/eval/attention.zarr --episode 0 --steps 0 50 100
   attnstore overlay outputs/eval/attention.zarr --episode 3 --video --camera image --heads max
+  attnstore overlay outputs/eval/attention.zarr --episode 0 --all --layer -1 --denoise final
+
+--layer and --denoise use the same grammar as 'attnstore eval --attention.layers' (one value here).
 """
 
 
@@ -31,9 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--rollouts", type=int, nargs="+", metavar="R",
                        help="inference numbers within the episode instead (0 = first inference)")
     which.add_argument("--all", action="store_true", help="every captured inference of the episode")
-    parser.add_argument("--layer", type=int, default=None, help="action-expert layer (default: last captured)")
-    parser.add_argument("--denoise", type=int, default=None,
-                        help="denoise step index, 0 = t=1.0 (default: the final captured step)")
+    parser.add_argument("--layer", default=None, metavar="L",
+                        help="action-expert layer: an index (negative counts from the model's end) or final "
+                             "(default: the last captured)")
+    parser.add_argument("--denoise", default=None, metavar="D",
+                        help="denoise step index, 0 = t=1.0, -1 or final = the model's last "
+                             "(default: the final captured step)")
     parser.add_argument("--action-idx", default="mean", metavar="i|mean",
                         help="one action token (query) or the mean over all (default: mean)")
     parser.add_argument("--heads", default="mean", metavar="mean|max|H",

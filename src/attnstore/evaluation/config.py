@@ -1,23 +1,26 @@
 """``--attention.*``: what ``attnstore eval`` captures, as one typed dataclass (lerobot style).
 
 Values arrive as draccus strings (``--attention.layers=[16,17]``) and are normalised once in
-``__post_init__`` into what :class:`attnstore.capture.recorder.AttentionRecorder` takes. Ranges that
-depend on the model (layer 17 of an 18-layer expert) are checked by the runner with the capture
-side's own parsers (:mod:`attnstore.capture.selection`), still before any simulation runs.
+``__post_init__`` into what :class:`attnstore.capture.recorder.AttentionRecorder` takes, with the
+one selection grammar of :mod:`attnstore.selection` (the recorder parses with it too). Ranges that
+depend on the model (layer 17 of an 18-layer expert) are checked by the runner with the same
+module's :func:`~attnstore.selection.parse_layers`, still before any simulation runs.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnstore import selection as sel
 from attnstore.errors import EvalConfigError
 from attnstore.schema import ENCODINGS
 
 PREFIX = "--attention."
-Selection = str | tuple[int, ...]  # a keyword ("all", "last:2", "final") or explicit indices
+Selection = sel.Normalised  # a keyword ("all", "final", "last:2") or explicit indices
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0", "none", "null", "")
 
 
 @dataclass
@@ -34,9 +37,10 @@ class AttentionConfig:
     'last:1'
     """
 
-    layers: str = "last:2"  # last:N | all | [16,17] (negative indices count from the end)
+    layers: str = "last:2"  # last:N | all | final | [16,17] (negative indices count from the end)
     denoise_steps: str = "all"  # all | final | last:N | [0,9]
-    episodes: list[int] | None = None  # episode indices to record (lerobot's numbering); None = all
+    # episode indices to record (lerobot's numbering): [0,3] | 0,3 | all; None = all. A list after parsing
+    episodes: str | list[int] | None = None
     prefix: str = "false"  # VLM prefix self-attention: false | true (same layers) | last:N | all | [0,1]
     images: bool = True  # store the images the policy saw
     actions: bool = True  # store the predicted action chunks
@@ -52,12 +56,9 @@ class AttentionConfig:
             raise EvalConfigError(
                 f"--attention.encoding={self.encoding}: choose one of {', '.join(ENCODINGS)}"
             )
-        if self.episodes is not None:
-            self.episodes = sorted({int(e) for e in self.episodes})
-            if any(e < 0 for e in self.episodes):
-                raise EvalConfigError(
-                    f"--attention.episodes={self.episodes}: episode indices start at 0 (lerobot's numbering)"
-                )
+        self.episodes = sel.parse_episodes(
+            self.episodes, error=EvalConfigError, label=f"--attention.episodes={self.episodes}"
+        )
         if self.store is not None:
             self.store = Path(self.store)
             if self.store.suffix != ".zarr":
@@ -67,11 +68,11 @@ class AttentionConfig:
 
     @property
     def layer_selection(self) -> Selection:
-        return parse_selection(self.layers, "layers", keywords=("all",), last_n=True)
+        return parse_selection(self.layers, "layers")
 
     @property
     def denoise_selection(self) -> Selection:
-        return parse_selection(self.denoise_steps, "denoise_steps", keywords=("all", "final"), last_n=True)
+        return parse_selection(self.denoise_steps, "denoise_steps")
 
     @property
     def prefix_selection(self) -> bool | Selection:
@@ -90,51 +91,35 @@ class AttentionConfig:
         return self.episodes is None or episode in self.episodes
 
 
-def parse_selection(
-    value: str | Sequence[int], name: str, *, keywords: tuple[str, ...], last_n: bool = False
-) -> Selection:
-    """Normalise a layer / denoise-step selection: a keyword, ``last:N``, or a list of indices.
+def parse_selection(value: sel.Selection, name: str) -> Selection:
+    """``--attention.<name>``'s selection in the normalised form of :func:`attnstore.selection.normalise`.
 
-    >>> parse_selection("[16,17]", "layers", keywords=("all",)), parse_selection("-1", "layers", keywords=())
-    ((16, 17), (-1,))
-    >>> parse_selection(" Last:2 ", "layers", keywords=("all",), last_n=True)
-    'last:2'
-    >>> parse_selection("first", "denoise_steps", keywords=("all", "final"), last_n=True)
+    >>> parse_selection("[16,17]", "layers"), parse_selection("16,17", "layers"), parse_selection("-1", "layers")
+    ((16, 17), (16, 17), (-1,))
+    >>> parse_selection(" Last:2 ", "layers"), parse_selection("final", "denoise_steps")
+    ('last:2', 'final')
+    >>> parse_selection("first", "denoise_steps")
     Traceback (most recent call last):
     ...
-    attnstore.errors.EvalConfigError: --attention.denoise_steps=first: use all, final, last:N or a list of indices like [0,9]
+    attnstore.errors.EvalConfigError: --attention.denoise_steps=first: use all, last:N, final or indices like [0,9] or -1 (negative counts from the end)
     """
-    if not isinstance(value, str):
-        indices = _as_indices(value, name)
-        if indices is None:
-            raise EvalConfigError(f"--attention.{name}={value!r}: expected a list of integer indices")
-        return indices
-    text = value.strip().lower()
-    if text in keywords:
-        return text
-    if last_n and text.startswith("last:"):
-        count = text.removeprefix("last:")
-        if count.isdigit() and int(count) >= 1:
-            return f"last:{int(count)}"
-        raise EvalConfigError(f"--attention.{name}={value}: last:N needs a whole number N >= 1, e.g. last:2")
-    indices = _parse_index_text(text)
-    if indices is not None:
-        return indices
-    forms = ", ".join([*keywords, *(["last:N"] if last_n else [])])
-    raise EvalConfigError(f"--attention.{name}={value}: use {forms} or a list of indices like [0,9]")
+    example = "[0,9]" if name == "denoise_steps" else "[16,17]"
+    return sel.normalise(value, example=example, error=EvalConfigError, label=f"{PREFIX}{name}={value}")
 
 
 def parse_prefix(value: str | bool | Sequence[int]) -> bool | Selection:
     """``--attention.prefix``: false, true (the same layers as ``--attention.layers``) or VLM layers.
 
-    >>> parse_prefix("true"), parse_prefix("False"), parse_prefix("[0, 1]"), parse_prefix("all")
-    (True, False, (0, 1), 'all')
+    ``1``/``0`` read as true/false (yaml's booleans); a single VLM layer 0 or 1 is ``[0]``/``[1]``.
+
+    >>> parse_prefix("true"), parse_prefix("False"), parse_prefix("[0, 1]"), parse_prefix("all"), parse_prefix("[1]")
+    (True, False, (0, 1), 'all', (1,))
     """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0", "none", ""):
-        return value.strip().lower() in ("true", "yes", "1")
-    return parse_selection(value, "prefix", keywords=("all",), last_n=True)
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
+        return value.strip().lower() in _TRUE
+    return parse_selection(value, "prefix")
 
 
 def split_attention_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -189,23 +174,3 @@ class _Args:
     """The draccus root: ``--attention.<field>`` maps to ``_Args.attention.<field>``."""
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
-
-
-def _parse_index_text(text: str) -> tuple[int, ...] | None:
-    """``"[16, 17]"``, ``"16,17"`` or ``"16"`` -> ``(16, 17)``; anything else -> None."""
-    text = text.strip()
-    if not text.startswith("["):
-        text = f"[{text}]"
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return _as_indices(value, "")
-
-
-def _as_indices(value: object, name: str) -> tuple[int, ...] | None:
-    if not isinstance(value, (list, tuple)) or not value:
-        return None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return None
-    return tuple(int(v) for v in value)

@@ -6,10 +6,10 @@ lerobot's ``eval_main`` while three of its module globals are wrapped:
 
 * ``make_env``: each task's vector env gets an :class:`~attnstore.evaluation.tracking.EpisodeTracker`
   (episode numbers, done flags -> ``recorder.set_active``, episode records -> the writer);
-* ``make_policy``: a tiny checkpoint is rebuilt tiny (:func:`tiny_model_patches`) and every local
-  checkpoint's weights are checked against its model;
-* ``make_pre_post_processors``: the recorder is attached once the preprocessor (and so the
-  tokenizer) exists, before the first rollout.
+* ``make_policy``: a tiny checkpoint is rebuilt tiny and every checkpoint's weights are checked
+  against its model (both by :class:`~attnstore.capture.checkpoint.Checkpoint`, as ``load_policy`` does);
+* ``make_pre_post_processors``: a tiny checkpoint's tokenizer override is added, and the recorder is
+  attached once the preprocessor (and so the tokenizer) exists, before the first rollout.
 
 The wrappers are removed on exit. lerobot still writes eval_info.json and the videos itself.
 """
@@ -24,15 +24,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from attnstore.errors import AttnStoreError, CaptureError, EvalConfigError, StoreError
 from attnstore.evaluation.config import AttentionConfig, parse_attention_args, split_attention_args
 from attnstore.evaluation.libero_env import apply_runtime_defaults, check_libero_ready, check_libero_tasks
-from attnstore.evaluation.tracking import EpisodeTracker, TaskPlan, plan_tasks
-from attnstore.schema import EpisodeRecord
+from attnstore.evaluation.tracking import EpisodeTracker, plan_tasks
+from attnstore.schema import EpisodeRecord, RunInfo, TaskPlan
+
+if TYPE_CHECKING:
+    from attnstore.capture.checkpoint import Checkpoint
 
 
 @dataclass
@@ -79,17 +82,15 @@ def run_eval(argv: Sequence[str]) -> EvalResult:
     """Run lerobot-eval with ``argv`` (lerobot's flags plus ``--attention.*``), capturing attention."""
     attention_args, lerobot_args = split_attention_args(argv)
     attention = parse_attention_args(attention_args)
-    lerobot_args, policy_dir, tiny = _resolve_policy_arg(lerobot_args)
-    apply_runtime_defaults(tiny_policy=tiny)
+    lerobot_args, checkpoint = _resolve_policy_arg(lerobot_args)
+    apply_runtime_defaults(tiny_policy=checkpoint.tiny)
 
     cfg = parse_lerobot_config(lerobot_args)
-    _check_config(cfg, attention, policy_dir, tiny)
+    _check_config(cfg, attention, checkpoint)
     store_path = attention.store_path(cfg.output_dir)
-    writer = _make_writer(store_path, attention, cfg, argv, policy_dir, tiny)
-    checkpoint = str(policy_dir) if policy_dir else _flag_value(lerobot_args, "--policy.path")
-    session = CaptureSession(
-        attention, writer, n_episodes=cfg.eval.n_episodes, checkpoint=checkpoint, policy_dir=policy_dir, tiny=tiny
-    )
+    run_info = _run_info(cfg, attention, argv, checkpoint)
+    writer = _make_writer(store_path, attention, run_info)
+    session = CaptureSession(attention, writer, n_episodes=cfg.eval.n_episodes, checkpoint=checkpoint, run=run_info)
 
     from lerobot.scripts import lerobot_eval
     from lerobot.utils.import_utils import register_third_party_plugins
@@ -130,12 +131,10 @@ def run_eval(argv: Sequence[str]) -> EvalResult:
 
 
 # ---- before any simulation ------------------------------------------------------------------
-def _resolve_policy_arg(args: list[str]) -> tuple[list[str], Path | None, bool]:
+def _resolve_policy_arg(args: list[str]) -> tuple[list[str], Checkpoint]:
     """Check ``--policy.path`` (a missing or non-Pi0.5 local dir fails in one line); ``tiny`` = the
-    cached tiny model. Returns the args (path made absolute), the local dir (None for a hub id) and
-    whether it is a tiny checkpoint."""
-    from attnstore.capture.policy import resolve_checkpoint
-    from attnstore.capture.tiny import is_tiny_checkpoint
+    cached tiny model. Returns the args (a local path made absolute) and the resolved checkpoint."""
+    from attnstore.capture import checkpoint
 
     value = _flag_value(args, "--policy.path")
     if value is None:
@@ -143,9 +142,9 @@ def _resolve_policy_arg(args: list[str]) -> tuple[list[str], Path | None, bool]:
             "pass --policy.path=DIR (a Pi0.5 checkpoint directory or hub id; "
             "'attnstore make-tiny-policy DIR' builds a tiny offline one, or use --policy.path=tiny)"
         )
-    source, local = resolve_checkpoint(value)
-    args = [a for a in args if not a.startswith("--policy.path=")] + [f"--policy.path={source}"]
-    return args, (Path(source) if local else None), bool(local and is_tiny_checkpoint(source))
+    ckpt = checkpoint.resolve(value)
+    args = [a for a in args if not a.startswith("--policy.path=")] + [f"--policy.path={ckpt.source}"]
+    return args, ckpt
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -182,62 +181,43 @@ def parse_lerobot_config(args: Sequence[str]):
         sys.argv = saved
 
 
-def _check_config(cfg: Any, attention: AttentionConfig, policy_dir: Path | None, tiny: bool) -> None:
+def _check_config(cfg: Any, attention: AttentionConfig, checkpoint: Checkpoint) -> None:
     """Every check that can fail before lerobot builds an env: policy type, layers, task suite."""
-    from attnstore.capture.selection import parse_denoise_steps, parse_layers
+    from attnstore.capture.checkpoint import require_pi05
+    from attnstore.selection import parse_denoise_steps, parse_layers
 
     policy = cfg.policy
-    if policy is None or getattr(policy, "type", None) != "pi05":
-        kind = getattr(policy, "type", None)
-        raise CaptureError(f"--policy.path is a '{kind}' policy; attnstore captures Pi0.5 ('pi05') policies only")
+    require_pi05(policy, what="--policy.path")
     if getattr(cfg.env, "max_parallel_tasks", 1) > 1:
         raise EvalConfigError(
             "--env.max_parallel_tasks > 1 runs tasks concurrently on one policy, which the recorder "
             "cannot attribute to episodes: use --env.max_parallel_tasks=1"
         )
-    depth, vlm_depth = _model_depths(policy, policy_dir if tiny else None)
-    checks = [
-        ("layers", lambda: parse_layers(attention.layer_selection, depth)),
-        ("denoise_steps", lambda: parse_denoise_steps(attention.denoise_selection, policy.num_inference_steps)),
-    ]
+    depth, vlm_depth = checkpoint.depths(policy)
+
+    def label(name: str) -> str:
+        return f"--attention.{name}={getattr(attention, name)}"
+
+    parse_layers(attention.layer_selection, depth, error=EvalConfigError, label=label("layers"))
+    parse_denoise_steps(
+        attention.denoise_selection, policy.num_inference_steps, error=EvalConfigError, label=label("denoise_steps")
+    )
     prefix = attention.prefix_selection
     if prefix is not False:
-        checks.append(
-            ("prefix", lambda: parse_layers(attention.layer_selection if prefix is True else prefix, vlm_depth))
-        )
-    for name, check in checks:
-        try:
-            check()
-        except CaptureError as exc:
-            raise EvalConfigError(f"--attention.{name}={getattr(attention, name)}: {exc}") from None
+        parse_layers(attention.layer_selection if prefix is True else prefix, vlm_depth, what="VLM layer",
+                     error=EvalConfigError, label=label("prefix"))
     if getattr(cfg.env, "type", None) == "libero":
         check_libero_ready()
         check_libero_tasks(cfg.env.task, cfg.env.task_ids)
 
 
-def _model_depths(policy_cfg: Any, tiny_dir: Path | None) -> tuple[int, int]:
-    """(action-expert depth, VLM depth) of the Pi0.5 the config describes."""
-    if tiny_dir is not None:
-        from attnstore.capture.tiny import read_tiny_dims
-
-        depth = read_tiny_dims(tiny_dir).depth
-        return depth, depth
-    from lerobot.policies.pi05.modeling_pi05 import get_gemma_config
-
-    expert = get_gemma_config(policy_cfg.action_expert_variant).depth
-    return expert, get_gemma_config(policy_cfg.paligemma_variant).depth
-
-
-def _make_writer(store_path: Path, attention: AttentionConfig, cfg: Any, argv: Sequence[str],
-                 policy_dir: Path | None, tiny: bool):
+def _make_writer(store_path: Path, attention: AttentionConfig, run: RunInfo):
     """The store's writer; refuses an existing store now, before any simulation."""
     from attnstore.store.writer import AttentionWriter
 
     try:
         return AttentionWriter(
-            store_path,
-            run=_run_info(cfg, attention, argv, policy_dir, tiny),
-            mode="overwrite" if attention.overwrite else "create",
+            store_path, run=run.to_dict(), mode="overwrite" if attention.overwrite else "create"
         )
     except StoreError as exc:
         if attention.overwrite or not store_path.exists():
@@ -248,35 +228,32 @@ def _make_writer(store_path: Path, attention: AttentionConfig, cfg: Any, argv: S
         ) from exc
 
 
-def _run_info(cfg: Any, attention: AttentionConfig, argv: Sequence[str], policy_dir: Path | None,
-              tiny: bool) -> dict[str, Any]:
-    """What produced the store, kept in its root attrs (JSON only)."""
+def _run_info(cfg: Any, attention: AttentionConfig, argv: Sequence[str], checkpoint: Checkpoint) -> RunInfo:
+    """What produced the store, kept in its root attrs (the task plans are added once the envs exist)."""
     from importlib.metadata import version
 
     env = cfg.env
-    return {
-        "tool": "attnstore eval",
-        "argv": [str(a) for a in argv],
-        "policy": str(policy_dir) if policy_dir else str(cfg.policy.pretrained_path),
-        "policy_type": cfg.policy.type,
-        "tiny_policy": tiny,
-        "n_action_steps": int(cfg.policy.n_action_steps),
-        "env_type": getattr(env, "type", None),
-        "env_task": str(getattr(env, "task", "")),
-        "task_ids": None if getattr(env, "task_ids", None) is None else [int(t) for t in env.task_ids],
-        "episode_length": getattr(env, "episode_length", None),
-        "n_episodes": int(cfg.eval.n_episodes),
-        "batch_size": int(cfg.eval.batch_size),
-        "use_async_envs": bool(cfg.eval.use_async_envs),
-        "seed": cfg.seed,
-        "output_dir": str(cfg.output_dir),
-        "eval_info": str(Path(cfg.output_dir) / "eval_info.json"),
-        "videos_dir": str(Path(cfg.output_dir) / "videos"),
-        "lerobot_version": version("lerobot"),
-        "attention": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(attention).items()
-        },
-    }
+    return RunInfo(
+        tool="attnstore eval",
+        argv=tuple(str(a) for a in argv),
+        policy=checkpoint.source if checkpoint.local else str(cfg.policy.pretrained_path),
+        policy_type=cfg.policy.type,
+        tiny_policy=checkpoint.tiny,
+        n_action_steps=int(cfg.policy.n_action_steps),
+        env_type=getattr(env, "type", None),
+        env_task=str(getattr(env, "task", "")),
+        task_ids=None if getattr(env, "task_ids", None) is None else tuple(int(t) for t in env.task_ids),
+        episode_length=getattr(env, "episode_length", None),
+        n_episodes=int(cfg.eval.n_episodes),
+        batch_size=int(cfg.eval.batch_size),
+        use_async_envs=bool(cfg.eval.use_async_envs),
+        seed=cfg.seed,
+        output_dir=str(cfg.output_dir),
+        eval_info=str(Path(cfg.output_dir) / "eval_info.json"),
+        videos_dir=str(Path(cfg.output_dir) / "videos"),
+        lerobot_version=version("lerobot"),
+        attention={k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(attention).items()},
+    )
 
 
 # ---- during the evaluation --------------------------------------------------------------------
@@ -289,16 +266,14 @@ class CaptureSession:
         writer: Any,
         *,
         n_episodes: int,
-        checkpoint: str | None,
-        policy_dir: Path | None,
-        tiny: bool,
+        checkpoint: Checkpoint,
+        run: RunInfo | None = None,
     ) -> None:
         self.attention = attention
         self.n_episodes = n_episodes  # per task, as lerobot's --eval.n_episodes
         self.writer = writer
-        self.checkpoint = checkpoint  # local dir or hub id whose weights must match the built model
-        self.policy_dir = policy_dir
-        self.tiny = tiny
+        self.checkpoint = checkpoint  # its weights must match the model lerobot builds
+        self.run = run if run is not None else RunInfo()
         self.plans: list[TaskPlan] = []
         self.trackers: list[EpisodeTracker] = []
         self.policy: Any = None
@@ -334,7 +309,8 @@ class CaptureSession:
             n_episodes = self.n_episodes
             order = [(group, tid) for group, tasks in envs.items() for tid in tasks]  # eval_policy_all's order
             self.plans = plan_tasks(order, n_episodes)
-            self.writer.run["tasks"] = [p.to_dict() for p in self.plans]
+            self.run = dataclasses.replace(self.run, tasks=tuple(self.plans))
+            self.writer.run.update(self.run.to_dict())  # the store is created at the first inference
             for plan in self.plans:
                 tracker = EpisodeTracker(
                     envs[plan.task_group][plan.task_id],
@@ -351,17 +327,9 @@ class CaptureSession:
 
     def _wrap_make_policy(self, make_policy):
         def make_policy_checked(*args, **kwargs):
-            patches = contextlib.nullcontext()
-            if self.tiny:
-                from attnstore.capture.tiny import tiny_model_patches
-
-                patches = tiny_model_patches(self.policy_dir)
-            with patches:
+            with self.checkpoint.model_patches():
                 policy = make_policy(*args, **kwargs)
-            if self.checkpoint is not None:  # lerobot only warns (and keeps random weights) on a mismatch
-                from attnstore.capture.tiny import check_weights_loaded
-
-                check_weights_loaded(policy, self.checkpoint)
+            self.checkpoint.check_weights(policy)  # lerobot only warns (and keeps random weights) on a mismatch
             self.policy = policy
             return policy
 
@@ -369,12 +337,8 @@ class CaptureSession:
 
     def _wrap_processors(self, make_pre_post_processors):
         def make_processors_and_attach(*args, **kwargs):
-            if self.tiny:  # the tiny tokenizer lives in the checkpoint, wherever it was moved to
-                from attnstore.capture.tiny import TOKENIZER_DIRNAME
-
-                overrides = dict(kwargs.get("preprocessor_overrides") or {})
-                overrides["tokenizer_processor"] = {"tokenizer_name": str(self.policy_dir / TOKENIZER_DIRNAME)}
-                kwargs["preprocessor_overrides"] = overrides
+            # a tiny checkpoint's tokenizer lives in the checkpoint, wherever it was moved to
+            kwargs["preprocessor_overrides"] = self.checkpoint.processor_overrides(kwargs.get("preprocessor_overrides"))
             preprocessor, postprocessor = make_pre_post_processors(*args, **kwargs)
             self._attach_recorder(preprocessor)
             return preprocessor, postprocessor
@@ -382,8 +346,8 @@ class CaptureSession:
         return make_processors_and_attach
 
     def _attach_recorder(self, preprocessor: Any) -> None:
-        from attnstore.capture.policy import find_tokenizer
         from attnstore.capture.recorder import AttentionRecorder
+        from attnstore.capture.tokenizer import find_tokenizer
 
         if self.policy is None:
             raise CaptureError("lerobot built the processors before the policy; cannot attach the recorder")

@@ -15,49 +15,14 @@ instance level (``reset``/``step``, so ``isinstance`` checks in lerobot still ho
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from attnstore.evaluation.libero_env import successes_from_info
-from attnstore.schema import EpisodeRecord
+from attnstore.schema import EpisodeRecord, TaskPlan  # TaskPlan: the run attrs' task plan, kept here too
 
-
-@dataclass(frozen=True)
-class TaskPlan:
-    """One (task_group, task_id) of the run and the run-wide episode numbers it owns.
-
-    >>> plan = TaskPlan("libero_object", 3, first_episode=4, n_episodes=2)
-    >>> plan.episodes_of_batch(0, batch_size=2).tolist(), plan.episodes_of_batch(1, batch_size=2).tolist()
-    ([4, 5], [6, 7])
-    >>> plan.video_name(5)
-    'libero_object_3/eval_episode_1.mp4'
-    """
-
-    task_group: str
-    task_id: int
-    first_episode: int
-    n_episodes: int
-
-    def episodes_of_batch(self, batch: int, batch_size: int) -> np.ndarray:
-        return self.first_episode + batch * batch_size + np.arange(batch_size)
-
-    def local_index(self, episode: int) -> int:
-        """lerobot's ``episode_ix`` within this task (eval_info.json, video names)."""
-        return int(episode) - self.first_episode
-
-    def video_name(self, episode: int) -> str:
-        """Video of ``episode`` relative to ``<output_dir>/videos`` (lerobot renders the first 10 only)."""
-        return f"{self.task_group}_{self.task_id}/eval_episode_{self.local_index(episode)}.mp4"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_group": self.task_group,
-            "task_id": self.task_id,
-            "first_episode": self.first_episode,
-            "n_episodes": self.n_episodes,
-        }
+__all__ = ["EpisodeTracker", "TaskPlan", "plan_tasks"]
 
 
 def plan_tasks(task_ids: list[tuple[str, int]], n_episodes: int) -> list[TaskPlan]:

@@ -1,7 +1,9 @@
 """Choosing what to draw or plot: episodes, rows, env steps, layers, denoise steps, cameras.
 
-Each helper raises a one-line :class:`~attnstore.errors.SelectionError` that lists what the store
-does hold, so a user's typo answers itself.
+Layers and denoise steps are parsed with the one selection grammar of :mod:`attnstore.selection`
+(the one ``attnstore eval --attention.layers`` and the recorder use). Each helper raises a one-line
+:class:`~attnstore.errors.SelectionError` that lists what the store does hold, so a user's typo
+answers itself.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnstore import schema as S
-from attnstore.errors import SelectionError
+from attnstore.errors import AttnStoreError, SelectionError
+from attnstore.selection import Selection, resolve
 
 
 def describe_values(values: Sequence[int]) -> str:
@@ -74,14 +77,38 @@ def pick_rows(
     return np.asarray(picked, dtype=np.int64)
 
 
-def pick_coord(ds, dim: str, wanted: int | None, what: str) -> int:
-    """A captured value of ``layer``/``denoise`` (default: the last captured); error lists the captured ones."""
+def pick_coord(ds, dim: str, wanted: Selection | None, what: str) -> int:
+    """One captured value of ``layer``/``denoise`` (default None: the last captured).
+
+    ``wanted`` uses the one selection grammar (:mod:`attnstore.selection`) over the model's indices:
+    ``17``, ``"17"``, ``"[17]"``, ``-1`` (the model's last), ``final``, ``last:1``. It must pick
+    exactly one value the store holds; every error is one line that lists the captured values.
+    """
     have = [int(v) for v in np.asarray(ds[dim].values)]
     if wanted is None:
         return have[-1]
-    if int(wanted) not in have:
-        raise SelectionError(f"{what} {wanted} was not captured; this store holds {what}s {describe_values(have)}")
-    return int(wanted)
+    held = f"this store holds {what}s {describe_values(have)}"
+    try:
+        picked = resolve(wanted, _model_count(ds, dim), what=what, example=f"{have[-1]}", error=SelectionError)
+    except SelectionError as exc:
+        raise SelectionError(f"{exc}; {held}") from None
+    if len(picked) != 1:
+        raise SelectionError(f"{what} selection {wanted!r} picks {len(picked)} {what}s; pick one ({held})")
+    (value,) = picked
+    if value not in have:
+        raise SelectionError(f"{what} {value} was not captured; {held}")
+    return value
+
+
+def _model_count(ds, dim: str) -> int | None:
+    """How many layers / denoise steps the model has, from the store's spec (None = not recorded)."""
+    from attnstore.store.open import spec_of
+
+    try:
+        spec = spec_of(ds)
+    except AttnStoreError:
+        return None
+    return {S.LAYER: spec.num_layers, S.DENOISE: spec.num_denoise_steps}.get(dim)
 
 
 def pick_cameras(layout: S.TokenLayout, wanted: Sequence[str] | None) -> tuple[list[str], list[str]]:

@@ -49,3 +49,4 @@ from attnstore.schema.variables import (
     row_variables,
     stored_variables,
 )
+from attnstore.schema.run import RunInfo, TaskPlan
