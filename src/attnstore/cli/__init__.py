@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "import-pt": "attnstore.cli.import_pt",
     "overlay": "attnstore.cli.overlay",
     "plot": "attnstore.cli.plot",
+    "view": "attnstore.cli.view",
     "make-tiny-policy": "attnstore.cli.make_tiny_policy",
 }
 
