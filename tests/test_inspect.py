@@ -129,4 +129,26 @@ def test_legacy_file_and_folder(store, tmp_path, capsys):
     assert out.startswith(f"Found 3 attention map files in {tmp_path / 'attention'}")
     assert "Layer 16 attention shape: (1, 2, 4, 64) float32" in out  # the exported episode 1
     assert "Number of rollout steps: 3" in out and "one entry per inference" in out
+    assert "saved with batch" not in out  # the export's layers share one storage per inference, all of it viewed
     assert "UNREADABLE" in out and "episode_00009_attention.pt" in out and "1 unreadable" in out
+
+
+@pytest.mark.lerobot
+def test_legacy_fork_file(tmp_path, capsys):
+    """A file as the fork's lerobot_eval.py writes it: top-level episode/batch index, all 18 layers, cuda:0."""
+    from fork_pt import KeyLayout, write_fork_rollout
+
+    layout = KeyLayout(patches=16, num_language=12, valid_language=5, suffix_len=4)
+    paths, _ = write_fork_rollout(tmp_path / "attention" / "libero_object_2", [0, 10, 20, 30], num_envs=2, batch_ix=3,
+                                  heads=2, layout=layout)
+    text = inspect_path(paths[1])
+    for needle in ("fork layout", "Episode Index: 7", "Batch Index: 1", "Number of rollout steps: 4",
+                   "Number of denoising steps per action: 10", "rollout_step values: 0 .. 30 (spacing [10])",
+                   "Time: t=0.100", "Prefix length (visual+language tokens): 60", "Suffix length (action tokens): 4",
+                   "Layers saved: " + ", ".join(map(str, range(18))),
+                   "Layers 0..17 attention shape: (1, 2, 4, 64) bfloat16 (each)", "x 18 layers",
+                   "saved with batch 2"):
+        assert needle in text, needle
+    assert main(["inspect", str(tmp_path / "attention")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Found 2 attention map files in {tmp_path / 'attention'}") and "Episode Index: 6" in out

@@ -1,7 +1,8 @@
 """Legacy ``.pt`` export and import, against ground truth written through the real AttentionWriter.
 
-Expected values come from tests/synthetic.py's ground truth (what was handed to the writer) or from
-legacy files built here with torch directly, never from the export/import code under test.
+Expected values come from tests/synthetic.py's ground truth (what was handed to the writer), from
+legacy files built here with torch directly (the guide's variant) or from tests/fork_pt.py (files as
+the fork's lerobot_eval.py really writes them), never from the export/import code under test.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from attnstore import open_attention
 from attnstore import schema as S
 from attnstore.cli import main
+from fork_pt import KeyLayout, fork_times, storage_locations, write_fork_rollout
 from synthetic import make_spec, num_env_steps_of, truth_index, write_synthetic_store
 
 pytestmark = pytest.mark.lerobot  # needs torch
@@ -117,12 +119,19 @@ def test_export_matches_truth_and_import_restores_store(stores, tmp_path, encodi
         assert int(ds.num_env_steps.values[i]) == t["num_env_steps"]
 
 
-def test_guide_access_pattern_runs_unchanged(tmp_path):
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    """A store with the real LIBERO key axis (1018 keys, 8 heads, 50 action tokens), 1 denoise step (9)."""
+    root = tmp_path_factory.mktemp("full")
+    spec = make_spec(denoise_steps=(9,), layers=(16, 17), image_size=32)
+    return write_synthetic_store(root / "s.zarr", spec, episodes={0: 16}, seed=3)
+
+
+def test_guide_access_pattern_runs_unchanged(full_size, tmp_path):
     """The guide's snippet, verbatim, on an exported full-size (1, 8, 50, 1018) file."""
-    spec = make_spec(denoise_steps=(9,), layers=(16, 17), image_size=32)  # real key axis, 1 denoise step
-    truth = write_synthetic_store(tmp_path / "s.zarr", spec, episodes={0: 16}, seed=3)
+    truth = full_size
     export_dir = tmp_path / "attention"
-    assert main(["export-pt", str(tmp_path / "s.zarr"), str(export_dir), "--no-progress"]) == 0
+    assert main(["export-pt", str(truth["path"]), str(export_dir), "--no-progress"]) == 0
     path = str(export_dir / "libero_object_0" / "episode_00000_attention.pt")
 
     # ---- from pi05_attention_saving_guide.md, "Basic Access Pattern" (path substituted) ----
@@ -148,6 +157,53 @@ def test_guide_access_pattern_runs_unchanged(tmp_path):
     # the guide's region arithmetic: 768 camera keys (512..767 the masked dummy camera), 200 language
     assert float(layer_17_attention[0, :, :, 512:768].abs().max()) == 0.0
     assert torch.allclose(layer_17_attention.sum(-1), torch.ones(1, 8, 50), atol=1e-3)
+
+
+@pytest.mark.parametrize(("dtype", "every_env_step"), [("float32", False), ("bfloat16", True)],
+                         ids=["float32_per_inference", "bfloat16_per_frame"])
+def test_fork_readers_access_pattern_runs_on_export(full_size, tmp_path, dtype, every_env_step):
+    """What the fork's own readers do with a file, done on our export (their code is not in this repo).
+
+    IanHuangYH/lerobot ``pi_setting/eval/verify_attention_video_alignment.py`` (HEAD bf0dac1, last changed
+    d6543e9): ``load_attention_data`` l.39-64 and ``extract_action_to_img_attention`` l.67-121;
+    ``pi_setting/eval/visualize_action_to_img_attention.py`` (f430054): ``main`` l.221-297 and
+    ``extract_action_to_img_attention`` l.16-82. Both load with ``torch.load(path, map_location='cpu')``
+    (so ``weights_only`` is torch's default, True), pick the entry whose ``rollout_step`` is the wanted
+    frame, then ``['attention_maps'][9]['attention_weights'][17]``, and slice camera ``c``'s 256 keys
+    and action ``a``'s row ``a + 1``.
+    """
+    truth = full_size
+    args = ["export-pt", str(truth["path"]), str(tmp_path), "--dtype", dtype, "--no-progress"]
+    assert main(args + (["--every-env-step"] if every_env_step else [])) == 0
+    path = tmp_path / "libero_object_0" / "episode_00000_attention.pt"
+    tol = S.MAX_ABS_ERROR["uint16"] + (BF16_REL if dtype == "bfloat16" else 0)
+    frames = [0, 5, 150, num_env_steps_of(0, 16) - 1] if every_env_step else [0, 10, 150]
+    for frame in frames:
+        data = torch.load(path, map_location="cpu")  # verify l.39, visualize l.221
+        entry = [e for e in data["rollout_steps"] if e["rollout_step"] == frame]  # verify l.44-47, visualize l.228-231
+        assert len(entry) == 1, frame
+        denoising = entry[0]["attention_maps"][9]  # --denoising_step default 9 (verify l.347, visualize l.168)
+        weights = denoising["attention_weights"]  # verify l.59, visualize l.248
+        att = weights[17]  # --layer(s) default 17 (verify l.353, visualize l.182)
+        assert att.dim() == 4  # both: drop the batch dim of a 4-d tensor (verify l.92, visualize l.48)
+
+        # visualize l.251-263: camera count from the key axis, 256 patches + 200 language + 50 action tokens
+        key_len = weights[list(weights.keys())[0]].shape[-1]
+        assert (key_len - 250) % 256 == 0 and (key_len - 250) // 256 == 3
+
+        row = truth_index(truth, 0, frame // 10)  # frame f was acted on by the inference at 10 * (f // 10)
+        ref = truth["attention"][row, 0, 1]  # (heads, 50, 1018): denoise 9, layer 17
+        for cam in (0, 1):  # agentview, wrist
+            keys = slice(cam * 256, (cam + 1) * 256)
+            # verify l.100-121: one action's row, mean over heads, 16 x 16, float32 numpy
+            grid = att[0][:, :, keys][:, 0 + 1, :].mean(dim=0).reshape(16, 16).to(torch.float32).cpu().numpy()
+            assert grid.shape == (16, 16) and np.all(np.abs(grid - ref[:, 1, keys].mean(0).reshape(16, 16)) <= tol)
+            # visualize l.55-82: a list of actions (default 0..9) at once
+            actions = list(range(10))
+            grids = att.squeeze(0)[:, :, keys][:, [a + 1 for a in actions], :].mean(dim=0)
+            grids = grids.reshape(len(actions), 16, 16).to(torch.float32).cpu().numpy()
+            want = ref[:, 1:11, keys].mean(0).reshape(10, 16, 16)
+            assert np.all(np.abs(grids - want) <= tol)
 
 
 def test_every_env_step_one_entry_per_frame(stores, tmp_path):
@@ -289,6 +345,9 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         "wrong_shape": {"rollout_steps": [{"rollout_step": 0, "attention_maps": {0: {
             "time": 1.0, "prefix_len": 968, "suffix_len": 50, "attention_weights": {17: torch.zeros(1, 8, 50, 1000)}}}}],
             "metadata": {"episode_index": 0}},
+        # entries fine, but neither the guide's metadata.episode_index nor the fork's top-level one
+        "no_episode_index": {"rollout_steps": torch.load(good, weights_only=True)["rollout_steps"],
+                             "batch_index": 0, "metadata": {"num_rollout_steps": 2, "num_denoising_steps": 2}},
     }
     for name, obj in layouts.items():
         torch.save(obj, bad / f"{name}.pt")
@@ -312,8 +371,13 @@ EXPECT = {
     "a_list": "holds a list",
     "no_weights": "'attention_weights'",
     "wrong_shape": "does not match prefix_len=968 + suffix_len=50",
+    "no_episode_index": "no episode index: metadata 'episode_index' is None and top-level 'episode_index' is None",
     "nan_values": "not probabilities",
 }
+# where the layout is not recognised, the error names what both variants hold
+BOTH_LAYOUTS = ("the guide's {'rollout_steps', 'metadata': {'episode_index', 'num_rollout_steps', 'num_denoising_steps'}}",
+                "the fork's {'episode_index', 'batch_index', 'rollout_steps', "
+                "'metadata': {'num_rollout_steps', 'num_denoising_steps_per_action'}}")
 
 
 def test_bad_files_give_one_line_errors_and_leave_no_store(tmp_path, capsys):
@@ -327,6 +391,8 @@ def test_bad_files_give_one_line_errors_and_leave_no_store(tmp_path, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("attnstore: error: "), (name, err)
         assert str(files[name]) in lines[0] and problem in lines[0], (name, lines[0])
+        if name in ("wrong_layout", "a_list", "no_episode_index"):
+            assert all(layout in lines[0] for layout in BOTH_LAYOUTS), (name, lines[0])
         assert not store.exists(), name
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], name  # no temp store left
 
@@ -475,16 +541,165 @@ def test_export_names_files_like_lerobots_videos_of_each_task(tmp_path):
                      actions=False)
     store = tmp_path / "multi.zarr"
     rng = np.random.default_rng(0)
-    with AttentionWriter(store, spec, run={"tasks": tasks}) as writer:
+    with AttentionWriter(store, spec, run={"tasks": tasks, "batch_size": 2}) as writer:
         for episode in range(4):
             writer.append(synthetic_batch(spec, rng, [episode], [0]))
             writer.end_episode(S.EpisodeRecord(episode, "libero_object", episode // 2, "task", False, 1))
     assert main(["export-pt", str(store), str(tmp_path / "out"), "--no-progress"]) == 0
     files = sorted((tmp_path / "out").rglob("*.pt"))
-    episode_of = {p.relative_to(tmp_path / "out").as_posix(): torch.load(p)["metadata"]["episode_index"] for p in files}
+    # metadata.episode_index: the store's (run-wide) episode; the fork's top-level keys: the file's
+    # per-task number, and its slot in lerobot's batch of 2 (episode = batch * batch_size + slot)
+    episode_of = {}
+    for p in files:
+        data = torch.load(p)
+        episode_of[p.relative_to(tmp_path / "out").as_posix()] = (
+            data["metadata"]["episode_index"], data["episode_index"], data["batch_index"])
     assert episode_of == {
-        "libero_object_0/episode_00000_attention.pt": 0,
-        "libero_object_0/episode_00001_attention.pt": 1,
-        "libero_object_1/episode_00000_attention.pt": 2,
-        "libero_object_1/episode_00001_attention.pt": 3,
+        "libero_object_0/episode_00000_attention.pt": (0, 0, 0),
+        "libero_object_0/episode_00001_attention.pt": (1, 1, 1),
+        "libero_object_1/episode_00000_attention.pt": (2, 0, 0),
+        "libero_object_1/episode_00001_attention.pt": (3, 1, 1),
     }
+
+
+# ---- files as the fork's lerobot_eval.py really writes them (tests/fork_pt.py) ------------------------------
+FORK_SMALL = KeyLayout(patches=16, num_language=12, valid_language=5, suffix_len=4)  # 3 x 4x4 cameras
+FORK_SMALL_ARGS = ["--grid", "4", "--num-language", "12"]
+
+
+@pytest.mark.parametrize(("dtype", "num_envs"), [(torch.bfloat16, 2), (torch.float16, 1), (torch.float32, 1)],
+                         ids=["bf16_batch2", "fp16", "fp32"])
+def test_import_fork_files(tmp_path, dtype, num_envs):
+    """Second batch of a task (episodes num_envs.., per-task numbering), all 18 layers, saved from cuda:0."""
+    steps = [0, 10, 20]
+    paths, batch = write_fork_rollout(tmp_path / "attention" / "libero_object_3", steps, num_envs=num_envs,
+                                      batch_ix=1, heads=2, layout=FORK_SMALL, dtype=dtype, seed=5)
+    episodes = [num_envs + b for b in range(num_envs)]
+
+    # the files are the fork's dict, not the guide's
+    for b, path in enumerate(paths):
+        assert path.name == f"episode_{episodes[b]:05d}_attention.pt"
+        assert storage_locations(path) == {"cuda:0"}
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="CUDA"):
+                torch.load(path, weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        assert list(data) == ["episode_index", "batch_index", "rollout_steps", "metadata"]
+        assert (data["episode_index"], data["batch_index"]) == (episodes[b], b)
+        assert data["metadata"] == {"num_rollout_steps": 3, "num_denoising_steps_per_action": 10}
+        dmap = data["rollout_steps"][1]["attention_maps"][1]
+        assert dmap["time"] == 0.8999999761581421 and sorted(dmap["attention_weights"]) == list(range(18))
+        w = dmap["attention_weights"][17]
+        assert w.dtype == dtype and tuple(w.shape) == (1, 2, 4, 64)
+        # a view into the whole batch's tensor: every file carries all num_envs episodes' bytes
+        assert w.untyped_storage().nbytes() == num_envs * w.nbytes and w.storage_offset() == b * w.numel()
+
+    store = tmp_path / "s.zarr"
+    assert main(["import-pt", str(tmp_path / "attention"), str(store), *FORK_SMALL_ARGS, "--encoding", "float32",
+                 "--no-progress"]) == 0
+    ds = open_attention(store)
+    spec = S.StoreSpec.from_dict(ds.attrs["attnstore_spec"])
+    assert spec.layers == tuple(range(18)) and spec.denoise_steps == tuple(range(10)) and spec.num_heads == 2
+    assert spec.layout.cameras == ("image", "image2", "empty_camera_0")
+    assert spec.layout.camera_present == (True, True, False) and spec.layout.num_action == 4
+    assert ds.time.values.tolist() == fork_times()  # the file's float32 times, kept as they are
+    assert sorted(set(ds.episode.values.tolist())) == episodes
+    for b, ep in enumerate(episodes):
+        for r, step in enumerate(steps):
+            sel = dict(episode=ep, rollout=r)
+            assert int(ds.env_step.sel(**sel)) == step
+            want = np.stack([np.stack([batch[r]["attention_maps"][d]["attention_weights"][layer][b].float().numpy()
+                                       for layer in range(18)]) for d in range(10)])
+            assert np.array_equal(ds.attention.sel(**sel).values, want)  # float32 store: exact
+            assert np.array_equal(ds.key_valid.sel(**sel).values, FORK_SMALL.valid().numpy())
+    table = {int(e): i for i, e in enumerate(ds.episode_index.values)}
+    assert sorted(table) == episodes
+    for ep in episodes:
+        i = table[ep]
+        assert (str(ds.task_group.values[i]), int(ds.task_id.values[i])) == ("libero_object", 3)
+        assert int(ds.num_env_steps.values[i]) == 30  # last rollout_step + the step between inferences
+    sources = ds.attrs["attnstore_run"]["imported_from"]
+    assert [(s["episode"], s["layout"], s["batch_index"]) for s in sources] == [
+        (ep, "fork", b) for b, ep in enumerate(episodes)]
+
+
+def test_import_fork_file_default_encoding(tmp_path):
+    """The default uint16 store from a bf16 fork file: within the encoding's error of the file's values."""
+    (path,), batch = write_fork_rollout(tmp_path / "libero_object_0", [0, 10], heads=2, layout=FORK_SMALL, seed=9)
+    store = tmp_path / "s.zarr"
+    assert main(["import-pt", str(path), str(store), *FORK_SMALL_ARGS, "--no-progress"]) == 0
+    ds = open_attention(store)
+    got = ds.attention.sel(episode=0, rollout=1).values
+    want = batch[1]["attention_maps"][9]["attention_weights"][0][0].float().numpy()
+    assert np.abs(got[9, 0] - want).max() <= S.MAX_ABS_ERROR["uint16"]
+
+
+def test_export_writes_guide_and_fork_keys(stores, tmp_path):
+    """The superset both kinds of reader accept; importing it back prefers the guide's metadata.episode_index."""
+    truth = stores["uint16"]
+    out = tmp_path / "pt"
+    assert main(["export-pt", str(truth["path"]), str(out), "--episodes", "1", "--no-progress"]) == 0
+    (f,) = out.rglob("*.pt")
+    data = _load(f)
+    assert {"episode_index", "batch_index", "rollout_steps", "metadata"} <= set(data)
+    meta = data["metadata"]
+    assert (meta["episode_index"], meta["num_denoising_steps"], meta["num_denoising_steps_per_action"]) == (1, 10, 10)
+    assert data["episode_index"] == 1 and data["batch_index"] == 0  # file number; run attrs have no batch size
+    from attnstore.legacy import pt as L
+    from attnstore.legacy import pt_validate as V
+
+    info = V.validate_legacy(L.load_legacy(f), f, check_values=True)
+    assert (info.variant, info.episode_index, info.file_episode_index, info.num_denoising_steps) == (
+        "guide+fork", 1, 1, 10)
+
+
+# ---- memory --------------------------------------------------------------------------------------------
+RSS_CHILD = r"""
+import resource, sys
+import numpy, torch, tqdm, xarray, zarr  # what import-pt loads, before the baseline
+import attnstore.legacy.import_pt, attnstore.store.create, attnstore.store.writer
+from attnstore.cli import main
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+base = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    reset = True
+except OSError:
+    reset = False
+code = main(sys.argv[1:])
+peak = status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(f"RSS base={base} peak={peak} code={code}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_import_peak_memory_stays_below_1_5x_the_file(tmp_path):
+    """A ~210 MB fork file (bf16 from cuda:0, 18 layers, one entry per inference of a 200-step episode).
+
+    Before: the whole file became resident (mmap pages never given back) on top of five queued
+    float32 entries: peak RSS 3.46 GB for an 880 MB file. Measured in a child process, after its imports.
+    """
+    layout = KeyLayout(patches=64, num_language=48, valid_language=20, suffix_len=50)  # 290 keys
+    (path,), batch = write_fork_rollout(tmp_path / "attention" / "libero_object_0", range(0, 200, 10), heads=2,
+                                        layout=layout, cheap=True)
+    del batch
+    size = path.stat().st_size
+    assert 150e6 < size < 300e6
+    cmd = [sys.executable, "-c", RSS_CHILD, "import-pt", str(path), str(tmp_path / "s.zarr"), "--grid", "8",
+           "--num-language", "48"]  # with its progress bar
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RSS "))
+    fields = dict(kv.split("=") for kv in line.split()[1:])
+    growth = int(fields["peak"]) - int(fields["base"])
+    assert fields["code"] == "0"
+    assert growth < 1.5 * size, f"peak RSS grew by {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+    # one progress bar for the file, counting its entries, on stderr
+    assert "episode_00000_attention.pt" in proc.stderr and "20/20" in proc.stderr
+    ds = open_attention(tmp_path / "s.zarr")
+    assert ds.sizes["inference"] == 20 and ds.sizes["layer"] == 18

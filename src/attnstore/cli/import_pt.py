@@ -7,10 +7,14 @@ import argparse
 HELP = "import legacy per-episode .pt attention files into a new store"
 DESCRIPTION = """\
 Convert legacy .pt files (or folders of them, searched recursively) into one attention store.
+Reads both variants: the guide's (metadata.episode_index) and what the fork's lerobot_eval.py writes
+(top-level episode_index/batch_index, all 18 layers, bf16 saved from cuda:0: loaded onto the CPU).
 All or nothing: a truncated, garbled or wrongly laid out file stops the import with a one-line error
-and no store is left behind. Episode index from metadata.episode_index, task from the parent folder
-name <group>_<id>. The token layout is inferred (LIBERO Pi0.5: 3 cameras x 256 patches + 200 language
-tokens) unless the files were written by 'attnstore export-pt'; see --num-language / --grid / --cameras."""
+and no store is left behind. Files are streamed entry by entry (memory holds a few entries, never a
+whole file), with a progress bar per file. Episode index from metadata.episode_index, else the
+top-level one; task from the parent folder name <group>_<id>. The token layout is inferred (LIBERO
+Pi0.5: 3 cameras x 256 patches + 200 language tokens) unless the files were written by
+'attnstore export-pt'; see --num-language / --grid / --cameras."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

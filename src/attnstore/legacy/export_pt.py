@@ -5,6 +5,12 @@ holds at most one episode's maps in memory (``torch.save`` needs the whole dict)
 ``OUT_DIR/<task_group>_<task_id>/episode_<05d>_attention.pt`` atomically (temp file + rename), numbered
 like lerobot's videos of that task (:func:`video_index`).
 
+Each file holds the superset of the guide's and the fork's keys (:mod:`attnstore.legacy.pt`), so both kinds
+of legacy reader run unchanged on it: ``metadata.episode_index`` (the store's episode),
+``metadata.num_denoising_steps`` and ``num_denoising_steps_per_action``, and the fork's top-level
+``episode_index`` (the file's per-task number, like the fork's) and ``batch_index``. Tensors are CPU
+tensors (any reader's ``map_location`` works).
+
 Legacy ``rollout_step`` is the store's ``env_step`` (the video frame index). By default there is one
 entry per inference (``data['rollout_steps'][i]`` is inference ``i``, at frame ``rollout_step``).
 With ``every_env_step`` there is one entry per env step (= per video frame): inference ``i``'s maps
@@ -94,7 +100,9 @@ def export_pt(
                 )
         hint = _hint(spec, chosen_layers, record, every_env_step, folder)
         path = out_dir / folder / L.FILE_PATTERN.format(episode=video_index(run, ep))
-        L.save_atomic(L.legacy_episode(entries, ep, hint), path)
+        number = L.file_index_of(path)  # the fork's top-level episode_index: the file's (video's) number
+        legacy = L.legacy_episode(entries, ep, hint, file_index=number, batch_index=_batch_index(run, number))
+        L.save_atomic(legacy, path)
         written.append(path)
         del entries
     return written
@@ -104,18 +112,14 @@ def video_index(run: dict[str, Any], episode: int) -> int:
     """lerobot's per-task episode number (``eval_episode_N.mp4``) of a run-wide store episode.
 
     ``attnstore eval`` numbers episodes across the whole run (task k starts at ``first_episode``) and
-    keeps the mapping in the run attrs; the file is named like the video, while the file's
-    ``metadata.episode_index`` stays the store's episode.
+    keeps the mapping in the run attrs (:meth:`attnstore.schema.RunInfo.video_index`); the file is
+    named like the video, while the file's ``metadata.episode_index`` stays the store's episode.
 
     >>> tasks = [{"first_episode": 0, "n_episodes": 2}, {"first_episode": 2, "n_episodes": 2}]
     >>> [video_index({"tasks": tasks}, e) for e in range(4)], video_index({}, 3)
     ([0, 1, 0, 1], 3)
     """
-    for task in run.get("tasks") or []:
-        first, count = int(task.get("first_episode", 0)), int(task.get("n_episodes", 0))
-        if first <= episode < first + count:
-            return episode - first
-    return episode
+    return S.RunInfo.from_dict(run).video_index(episode)
 
 
 def _layer_positions(stored: Sequence[int], wanted: Sequence[int] | None) -> list[int]:
@@ -138,12 +142,8 @@ def _folder(record: dict[str, Any] | None, run: dict[str, Any], episode: int, no
     """``<task_group>_<task_id>`` from the table row, else from the run attrs, else ``unknown``."""
     if record is not None and record.get(S.TASK_GROUP):
         return f"{record[S.TASK_GROUP]}_{record[S.TASK_ID]}"
-    group = run.get(S.TASK_GROUP) or "unknown"
-    task_id = run.get(S.TASK_ID)
-    ids = run.get("task_ids")
-    if task_id is None and isinstance(ids, (list, tuple)) and len(ids) == 1:
-        task_id = ids[0]
-    folder = f"{group}_{'unknown' if task_id is None else task_id}"
+    group, task_id = S.RunInfo.from_dict(run).task_guess(episode)
+    folder = f"{group or 'unknown'}_{'unknown' if task_id is None else task_id}"
     notify(f"episode {episode} has no per-episode record (unfinished run): task taken from the run attrs -> {folder}/")
     return folder
 
@@ -163,7 +163,7 @@ def _frames_served(
     if num_env_steps > steps[-1]:
         ends.append(num_env_steps)
     else:
-        n_action = int(run.get("n_action_steps") or 1)
+        n_action = S.RunInfo.from_dict(run).n_action_steps or 1
         ends.append(steps[-1] + n_action)
         notify(
             f"episode {episode}: number of env steps unknown; the last inference covers "
@@ -186,6 +186,18 @@ def _hint(spec, layers: list[int], record: dict[str, Any] | None, every_env_step
     if record is not None:
         hint.update({k: v for k, v in record.items()})
     return hint
+
+
+def _batch_index(run: dict[str, Any], number: int | None) -> int:
+    """The fork's ``batch_index``: the episode's slot in lerobot's vector-env batch (0 when unknown).
+
+    lerobot numbers a task's episodes ``batch * batch_size + slot``.
+
+    >>> _batch_index({"batch_size": 4}, 6), _batch_index({}, 6)
+    (2, 0)
+    """
+    size = S.RunInfo.from_dict(run).batch_size
+    return int(number) % int(size) if number is not None and size and int(size) > 0 else 0
 
 
 def _short(values: list[int], n: int = 20) -> str:

@@ -1,11 +1,17 @@
 """Import legacy per-episode ``.pt`` files into an attention store (all or nothing).
 
-Two passes, one file in memory at a time (``torch.load(mmap=True, weights_only=True)``):
+Both variants of the format are read (the guide's and the fork's, see :mod:`attnstore.legacy.pt`),
+float32, bfloat16 or float16, any set of layers, tensors saved from a GPU included (loaded onto the CPU).
+Two passes, one file open at a time (``torch.load(map_location="cpu", mmap=True, weights_only=True)``):
 
 1. structure: every file's dict layout and shapes are checked and must agree (layers, denoise steps,
-   heads, prefix/suffix lengths); this fixes the store's spec, episode numbers and task names;
-2. data: each file is loaded again, its values checked (finite probabilities), and its entries are
-   appended through the real :class:`AttentionWriter` into a temporary store next to the target.
+   heads, prefix/suffix lengths); this fixes the store's spec, episode numbers and task names; no
+   tensor data is read;
+2. data: each file is mapped again and streamed entry by entry: an entry is converted to float32, its
+   values checked (finite probabilities), appended through the real :class:`AttentionWriter` into a
+   temporary store next to the target, and its file pages released. Peak memory is a few entries plus
+   what the writer holds, not the file (measured: peak RSS growth < 1.5x the file size; see
+   tests/test_legacy_pt.py). A progress bar per file counts its entries (stderr).
 
 Only when every file went in is the temporary store renamed to the target; on any error it is
 removed, so a bad file never leaves a half-written store (and an existing target stays untouched).
@@ -25,7 +31,8 @@ carry ``metadata['attnstore']`` and need none of this):
 * ``env_step`` = the legacy ``rollout_step``. Consecutive entries with identical maps (a file saved
   once per env step, repeating each inference's maps) collapse into one inference row unless
   ``keep_repeats``.
-* episode index from ``metadata.episode_index`` (an index already taken by an earlier file gets the
+* episode index from ``metadata.episode_index`` (the guide's, and attnstore's export), else the fork's
+  top-level ``episode_index`` (numbered per task; an index already taken by an earlier file gets the
   next free number, with a note); task group/id from the parent folder ``<group>_<id>``;
   ``num_env_steps``: one past the last frame of a per-env-step file, else the last ``rollout_step`` plus
   the median step between inferences; ``success`` is unknown and stored as False (run attrs say so).
@@ -37,6 +44,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,7 @@ from attnstore import schema as S
 from attnstore.errors import LegacyFormatError, SchemaError
 from attnstore.schema import EpisodeRecord, StoreSpec, TokenLayout
 from attnstore.legacy import pt as L
+from attnstore.legacy import pt_validate as V
 
 Notify = Callable[[str], None]
 LIBERO_CAMERAS = ("image", "image2", "empty_camera_0")
@@ -74,7 +83,7 @@ class _Plan:
     """Pass-1 result for one file."""
 
     path: Path
-    info: L.LegacyInfo
+    info: V.LegacyInfo
     episode: int
     task_group: str
     task_id: int
@@ -95,7 +104,7 @@ def import_pt(
     from tqdm.auto import tqdm
 
     from attnstore.store.create import preflight
-    from attnstore.store.writer import AttentionWriter, InferenceBatch
+    from attnstore.store.writer import AttentionWriter
 
     if encoding not in S.ENCODINGS:
         raise SchemaError(f"--encoding must be one of {list(S.ENCODINGS)}, got '{encoding}'")
@@ -112,7 +121,8 @@ def import_pt(
         "source": "legacy .pt import (attnstore import-pt)",
         "success_known": all("success" in p.info.hint for p in plans),
         "imported_from": [
-            {"file": str(p.path), "episode": p.episode, "episode_index_in_file": p.info.episode_index}
+            {"file": str(p.path), "episode": p.episode, "episode_index_in_file": p.info.episode_index,
+             "layout": p.info.variant, "batch_index": p.info.batch_index}
             for p in plans
         ],
     }
@@ -120,28 +130,17 @@ def import_pt(
     tmp = store.with_name(f".{store.name}.importing-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        writer = AttentionWriter(tmp, spec, run=run, mode="create")
+        # max_queue=1 and _import_file's wait: one entry converted while the writer writes another
+        writer = AttentionWriter(tmp, spec, run=run, mode="create", max_queue=1)
         try:
-            for plan in tqdm(plans, desc="files", unit="file", disable=not progress):
-                data = L.load_legacy(plan.path)
-                info = L.validate_legacy(data, plan.path, check_values=True)
-                entries = data[L.ROLLOUT_STEPS]
-                keep = _distinct_entries(entries, info, keep_repeats)
-                for i in keep:
-                    att = L.entry_attention(entries[i], info)
-                    writer.append(
-                        InferenceBatch(
-                            episodes=[plan.episode],
-                            env_steps=[info.rollout_steps[i]],
-                            attention=att[None],
-                            key_valid=infer_key_valid(att, spec.layout)[None],
-                            times=np.asarray(spec.times),
-                        )
-                    )
-                record = _record(plan, keep)
+            for k, plan in enumerate(plans, 1):
+                desc = f"[{k}/{len(plans)}] {plan.path.name}"
+                with tqdm(total=len(plan.info.rollout_steps), desc=desc, unit="entry", file=sys.stderr,
+                          disable=not progress, dynamic_ncols=True) as bar:
+                    kept = _import_file(writer, plan, spec, keep_repeats, bar)
+                record = _record(plan, kept)
                 if record is not None:
                     writer.end_episode(record)
-                del data, entries
             writer.close()
         except BaseException:
             try:
@@ -153,6 +152,51 @@ def import_pt(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return store
+
+
+def _import_file(writer: Any, plan: _Plan, spec: StoreSpec, keep_repeats: bool, bar: Any) -> list[int]:
+    """Stream one file's entries into ``writer``, one at a time; return the indices of the entries stored.
+
+    Memory: the file is mmap'd and each entry's pages are released once it is converted; the next entry
+    is converted only while the writer holds at most one (the one it writes), and freed heap memory is
+    handed back after each entry. So what is resident is about two entries' float32 arrays and the
+    writer's encoding buffers, not the file. Values are checked entry by entry (a bad one fails the
+    whole import).
+    """
+    from attnstore.store.writer import InferenceBatch
+
+    data, mapped = L.load_legacy_mapped(plan.path)
+    info = V.validate_legacy(data, plan.path, check_values=False)
+    entries = data[L.ROLLOUT_STEPS]
+    steps = info.rollout_steps
+    kept: list[int] = []
+    times = np.asarray(spec.times)
+    for i, entry in enumerate(entries):
+        repeat = (
+            not keep_repeats and kept and steps[i] == steps[i - 1] + 1
+            and V.same_maps(entries[kept[-1]], entry, info)
+        )
+        if not repeat:
+            while writer.pending > 1:  # convert the next entry only once the writer holds just one
+                time.sleep(0.002)
+            att = V.entry_attention(entry, info)
+            V.check_entry_values(att, info, i)
+            writer.append(
+                InferenceBatch(
+                    episodes=[plan.episode],
+                    env_steps=[steps[i]],
+                    attention=att[None],
+                    key_valid=infer_key_valid(att, spec.layout)[None],
+                    times=times,
+                )
+            )
+            kept.append(i)
+            del att
+        if mapped:
+            L.release_pages(L.entry_tensors(entry))
+        L.trim_heap()
+        bar.update()
+    return kept
 
 
 def infer_key_valid(attention: np.ndarray, layout: TokenLayout) -> np.ndarray:
@@ -176,10 +220,10 @@ def infer_key_valid(attention: np.ndarray, layout: TokenLayout) -> np.ndarray:
     return valid
 
 
-def guess_layout(info: L.LegacyInfo, guess: LayoutGuess, present: Sequence[bool] | None = None) -> TokenLayout:
+def guess_layout(info: V.LegacyInfo, guess: LayoutGuess, present: Sequence[bool] | None = None) -> TokenLayout:
     """Token layout of a file without attnstore's hint (module docstring).
 
-    >>> info = L.LegacyInfo(Path("x.pt"), 0, [0], (9,), (0.1,), (17,), 8, 968, 50, (1, 8, 50, 1018), "float32")
+    >>> info = V.LegacyInfo(Path("x.pt"), 0, [0], (9,), (0.1,), (17,), 8, 968, 50, (1, 8, 50, 1018), "float32")
     >>> guess_layout(info, LayoutGuess()).cameras
     ('image', 'image2', 'empty_camera_0')
     """
@@ -215,7 +259,7 @@ def _plan(files: list[Path], notify: Notify) -> list[_Plan]:
     plans: list[_Plan] = []
     taken: set[int] = set()
     for path in files:
-        info = L.validate_legacy(L.load_legacy(path), path, check_values=False)
+        info = V.validate_legacy(L.load_legacy(path), path, check_values=False)
         episode = info.episode_index
         if episode in taken:
             new = max(taken) + 1
@@ -241,12 +285,13 @@ def _spec(plan: _Plan, encoding: str, guess: LayoutGuess) -> StoreSpec:
     if layout is None:
         layout = guess_layout(info, guess)
         first = L.load_legacy(plan.path)[L.ROLLOUT_STEPS][0]
-        valid = infer_key_valid(L.entry_attention(first, info), layout)
+        valid = infer_key_valid(V.entry_attention(first, info), layout)
+        del first
         present = [bool(valid[layout.region_slice(c)].any()) for c in layout.cameras]
         layout = guess_layout(info, guess, present)
     num_denoise = max(
         int(hint.get("num_denoise_steps") or 0),
-        int(info.metadata.get(L.NUM_DENOISING_STEPS) or 0),
+        int(info.num_denoising_steps or 0),
         max(info.denoise_keys) + 1,
     )
     num_layers = hint.get("num_layers")
@@ -265,7 +310,7 @@ def _spec(plan: _Plan, encoding: str, guess: LayoutGuess) -> StoreSpec:
     )
 
 
-def _check_same(info: L.LegacyInfo, first: L.LegacyInfo) -> None:
+def _check_same(info: V.LegacyInfo, first: V.LegacyInfo) -> None:
     for name in ("layers", "denoise_keys", "num_heads", "prefix_len", "suffix_len"):
         a, b = getattr(info, name), getattr(first, name)
         if a != b:
@@ -274,19 +319,6 @@ def _check_same(info: L.LegacyInfo, first: L.LegacyInfo) -> None:
             )
     if not np.allclose(info.times, first.times, atol=1e-5):
         raise LegacyFormatError(f"{info.path}: denoise times {info.times} differ from {first.path.name}'s {first.times}")
-
-
-def _distinct_entries(entries: list[Any], info: L.LegacyInfo, keep_repeats: bool) -> list[int]:
-    """Indices of the entries to store: consecutive repeats of the same maps collapse into the first."""
-    if keep_repeats:
-        return list(range(len(entries)))
-    keep = [0]
-    steps = info.rollout_steps
-    for i in range(1, len(entries)):
-        repeat = steps[i] == steps[i - 1] + 1 and L.same_maps(entries[keep[-1]], entries[i], info)
-        if not repeat:
-            keep.append(i)
-    return keep
 
 
 def _record(plan: _Plan, kept: list[int]) -> EpisodeRecord | None:

@@ -34,11 +34,15 @@ def inspect_report(path: str | os.PathLike[str]) -> tuple[str, int]:
 
 
 def inspect_legacy_file(path: Path) -> str:
-    """Like the guide's ``inspect_saved_attention.py``: metadata, structure, an example entry, size."""
+    """Like the guide's ``inspect_saved_attention.py``: metadata, structure, an example entry, size.
+
+    Either variant (the guide's or the fork's keys, see :mod:`attnstore.legacy.pt`); no tensor data is read.
+    """
     from attnstore.legacy import pt as L
+    from attnstore.legacy import pt_validate as V
 
     data = L.load_legacy(path)
-    info = L.validate_legacy(data, path, check_values=False)
+    info = V.validate_legacy(data, path, check_values=False)
     meta = info.metadata
     first = data[L.ROLLOUT_STEPS][0]
     last_d = info.denoise_keys[-1]
@@ -47,10 +51,14 @@ def inspect_legacy_file(path: Path) -> str:
     gaps = sorted(set(np.diff(steps).tolist())) if len(steps) > 1 else []
     size = path.stat().st_size
     out = [f"File: {path.name}  ({path})"]
-    out.append("  Metadata:")
-    out.append(f"    Episode Index: {meta.get(L.EPISODE_INDEX)}")
+    out.append(f"  Metadata ({_VARIANTS[info.variant]}):")
+    out.append(f"    Episode Index: {info.episode_index}")
+    if info.file_episode_index is not None and info.file_episode_index != info.episode_index:
+        out.append(f"    Episode Index in the task (top level): {info.file_episode_index}")
+    if info.batch_index is not None:
+        out.append(f"    Batch Index: {info.batch_index}")
     out.append(f"    Number of rollout steps: {meta.get(L.NUM_ROLLOUT_STEPS)}")
-    out.append(f"    Number of denoising steps per action: {meta.get(L.NUM_DENOISING_STEPS)}")
+    out.append(f"    Number of denoising steps per action: {info.num_denoising_steps}")
     hint = info.hint
     if hint:
         task = f"{hint.get(S.TASK_GROUP, '?')}_{hint.get(S.TASK_ID, '?')}"
@@ -68,17 +76,49 @@ def inspect_legacy_file(path: Path) -> str:
     out.append(f"    Prefix length (visual+language tokens): {info.prefix_len}")
     out.append(f"    Suffix length (action tokens): {info.suffix_len}")
     out.append(f"    Layers saved: {', '.join(map(str, info.layers))}")
-    for layer in info.layers:
-        shape = tuple(example[L.ATTENTION_WEIGHTS][layer].shape)
-        out.append(f"    Layer {layer} attention shape: {shape} {info.dtype}")
+    if len(info.layers) <= 4:
+        for layer in info.layers:
+            shape = tuple(example[L.ATTENTION_WEIGHTS][layer].shape)
+            out.append(f"    Layer {layer} attention shape: {shape} {info.dtype}")
+    else:  # all layers have the same shape (validated): one line
+        out.append(f"    Layers {info.layers[0]}..{info.layers[-1]} attention shape: {info.tensor_shape} {info.dtype} (each)")
     q = "total_seq" if info.full_matrix else "query"
     out.append(f"      (batch=1, heads={info.num_heads}, {q}={info.tensor_shape[2]}, key={info.tensor_shape[3]})")
     out.append(f"      where key = prefix_len + suffix_len = {info.prefix_len} + {info.suffix_len}")
+    share = _storage_share(first)
+    if share > 1:  # the fork's [b:b+1] slices of the batch's tensors: torch.save wrote the whole storage
+        out.append(f"    Tensors are views of {share}x larger storages (saved with batch {share}): the file "
+                   f"carries the whole batch's maps, {share}x this episode's")
     out.append(
         f"  File Size: {human_bytes(size)} ({len(steps)} rollout steps x {len(info.denoise_keys)} denoising steps "
         f"x {len(info.layers)} layers)"
     )
     return "\n".join(out)
+
+
+def _storage_share(entry) -> int:
+    """How many times the bytes an entry's tensors view their storages hold (no tensor data is read).
+
+    1 for files whose storages are all viewed (attnstore's export shares one storage per inference
+    between its layers); B for the fork's batch-B files, each tensor a ``[b:b+1]`` view of the batch's.
+    """
+    from attnstore.legacy import pt as L
+
+    storages: dict[int, tuple[int, set[tuple[int, int]]]] = {}
+    for t in L.entry_tensors(entry):
+        st = t.untyped_storage()
+        _, spans = storages.setdefault(st.data_ptr(), (st.nbytes(), set()))
+        spans.add((t.storage_offset() * t.element_size(), t.nbytes))
+    viewed = sum(n for _, spans in storages.values() for _, n in spans)
+    total = sum(size for size, _ in storages.values())
+    return max(1, round(total / viewed)) if viewed else 1
+
+
+_VARIANTS = {
+    "guide": "guide layout, metadata.episode_index",
+    "fork": "fork layout: top-level episode_index/batch_index, as lerobot_eval.py rollout() saves it",
+    "guide+fork": "guide and fork keys, as attnstore export-pt writes",
+}
 
 
 def _inspect_legacy_folder(path: Path) -> tuple[str, int]:
