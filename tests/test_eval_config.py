@@ -24,7 +24,7 @@ from attnstore.evaluation.tracking import TaskPlan, plan_tasks
 def test_defaults():
     cfg = parse_attention_args([])
     assert (cfg.layer_selection, cfg.denoise_selection, cfg.prefix_selection) == ("last:2", "all", False)
-    assert (cfg.images, cfg.actions, cfg.encoding, cfg.overwrite, cfg.episodes) == (True, True, "uint16", False, None)
+    assert (cfg.images, cfg.actions, cfg.encoding, cfg.overwrite, cfg.episodes) == (True, True, "portable", False, None)
     assert str(cfg.store_path("out/run")) == "out/run/attention.zarr"
 
 
@@ -56,7 +56,7 @@ def test_draccus_values_are_normalised():
         ("--attention.layers=first", "--attention.layers=first: use all, last:N"),
         ("--attention.layers=last:0", "last:N needs a whole number N >= 1"),
         ("--attention.denoise_steps=[]", "--attention.denoise_steps=[]"),
-        ("--attention.encoding=bf16", "choose one of uint16, float32"),
+        ("--attention.encoding=bf16", "choose one of portable, compact, analysis, float32, uint16"),
         ("--attention.episodes=[-1]", "episode indices start at 0"),
         ("--attention.store=out/attn", "name the store folder '*.zarr'"),
         ("--attention.colour=red", "unrecognized arguments: --attention.colour=red"),

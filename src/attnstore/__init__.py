@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "open_attention": "attnstore.store.open",
+    "open_study": "attnstore.store.study",
     "AttentionWriter": "attnstore.store.writer",
     "InferenceBatch": "attnstore.store.writer",
     "EpisodeRecord": "attnstore.schema",
@@ -30,12 +31,14 @@ __all__ = [
     "TokenLayout",
     "load_policy",
     "open_attention",
+    "open_study",
 ]
 
 if TYPE_CHECKING:
     from attnstore.capture.policy import load_policy
     from attnstore.capture.recorder import AttentionRecorder
     from attnstore.store.open import open_attention
+    from attnstore.store.study import open_study
     from attnstore.schema import EpisodeRecord, StoreSpec, TokenLayout
     from attnstore.store.writer import AttentionWriter, InferenceBatch
 

@@ -29,7 +29,8 @@ from attnstore import schema as S
 from attnstore.capture import layout as L
 from attnstore.capture.buffers import BufferRing, HostBuffers, ready_after, to_host
 from attnstore.capture.episodes import EpisodeBook
-from attnstore.capture.pi05 import check_policy, expert_layers, num_heads, vlm_layers
+from attnstore.capture.policies import adapter_for
+from attnstore.capture.summary import SummaryBuffers, SummaryPlan
 from attnstore.selection import Selection, parse_denoise_steps, parse_layers
 from attnstore.errors import CaptureError
 from attnstore.schema import StoreSpec
@@ -53,6 +54,9 @@ class _Inference:
     times: list[Any] = field(default_factory=list)
     images: Any = None
     copied: bool = False
+    summary: SummaryBuffers | None = None  # per-layer summaries, on the policy's device
+    valid: Any = None  # (B, K, R + 1) region one-hot + key validity on the device (SummaryPlan.key_valid)
+    staged: bool = False  # summaries computed once per model run from a device staging buffer
 
 
 class AttentionRecorder:
@@ -71,6 +75,10 @@ class AttentionRecorder:
     step counts ``select_action`` calls since the reset. Only calls that run the model (not those served
     from the action queue) are recorded. ``state=True`` also stores ``observation.state`` as the policy
     saw it (after lerobot's processors), when the batch has one.
+
+    ``summary=True`` (default) also stores, for every expert layer (and every VLM layer when ``prefix``
+    is on), whatever ``layers`` keeps in full, the per-layer summaries of :mod:`attnstore.capture.summary`
+    (region mass and entropy per head and action token, camera grids), computed on the policy's device.
     """
 
     def __init__(
@@ -86,25 +94,30 @@ class AttentionRecorder:
         state: bool = True,
         tokenizer=None,
         first_episode: int = 0,
-        encoding: S.Encoding = "uint16",
+        encoding: S.Encoding = S.DEFAULT_ENCODING,
+        summary: bool = True,
     ) -> None:
-        check_policy(policy)
+        self.adapter = adapter_for(policy)  # everything policy-specific (Pi0.5, Pi0, SmolVLA)
         self.episodes = EpisodeBook(first_episode)
         if encoding not in S.ENCODINGS:
             raise CaptureError(f"encoding must be one of {S.ENCODINGS}, got {encoding!r}")
         self.policy = policy
         self.writer = writer
-        self.layers = parse_layers(layers, len(expert_layers(policy)))
-        self.denoise_steps = parse_denoise_steps(denoise_steps, int(policy.config.num_inference_steps))
+        self.layers = parse_layers(layers, len(self.adapter.expert_layers()))
+        self.denoise_steps = parse_denoise_steps(denoise_steps, self.adapter.num_denoise_steps())
         if prefix is False or prefix is None:
             self.prefix_layers: tuple[int, ...] = ()
         else:
-            n_vlm = len(vlm_layers(policy))
+            n_vlm = len(self.adapter.vlm_layers())
             self.prefix_layers = (
                 parse_layers(layers, n_vlm, what="VLM layer")
                 if prefix is True
                 else parse_layers(prefix, n_vlm, what="VLM layer")
             )
+        self.summary_layers = tuple(range(len(self.adapter.expert_layers()))) if summary else ()
+        self.summary_prefix_layers = (
+            tuple(range(len(self.adapter.vlm_layers()))) if summary and self.prefix_layers else ()
+        )
         self.store_images = bool(images)
         self.store_actions = bool(actions)
         self.store_state = bool(state)
@@ -118,6 +131,11 @@ class AttentionRecorder:
         self._attached = False
         self._current: _Inference | None = None
         self._ring = BufferRing()
+        self._plan: SummaryPlan | None = None
+        # None: stage the expert probabilities on the device and summarise them once per model run on CUDA
+        # (2 kernels per hook instead of ~15), summarise in each hook on CPU (no extra copy); tests force both
+        self._stage_summaries: bool | None = None
+        self._staging: Any = None
 
     # ---- public API --------------------------------------------------------------------------------
     def __enter__(self) -> AttentionRecorder:
@@ -134,20 +152,20 @@ class AttentionRecorder:
         import torch
 
         try:
-            policy, model = self.policy, self.policy.model
+            policy, model = self.policy, self.adapter.denoise_owner()
             self._wrap(policy, "reset", self._on_reset)
             self._wrap(policy, "select_action", self._on_select_action)
-            self._wrap(policy, "predict_action_chunk", self._on_predict_action_chunk)
-            self._wrap(policy, "_preprocess_images", self._on_preprocess_images)
+            self._wrap(policy, self.adapter.chunk_method, self._on_predict_action_chunk)
+            self._wrap(policy, self.adapter.images_method, self._on_preprocess_images)
             self._wrap(model, "denoise_step", self._on_denoise_step)
-            expert = expert_layers(policy)
-            for slot, i in enumerate(self.layers):
-                hook = torch.compiler.disable(self._make_expert_hook(slot))
-                self._handles.append(expert[i].self_attn.register_forward_hook(hook, with_kwargs=True))
-            vlm = vlm_layers(policy)
-            for slot, i in enumerate(self.prefix_layers):
-                hook = torch.compiler.disable(self._make_prefix_hook(slot))
-                self._handles.append(vlm[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+            for register, stored, summarised, make in (
+                (self.adapter.register_expert_hook, self.layers, self.summary_layers, self._make_expert_hook),
+                (self.adapter.register_prefix_hook, self.prefix_layers, self.summary_prefix_layers, self._make_prefix_hook),
+            ):
+                for i in sorted(set(stored) | set(summarised)):
+                    slots = (_slot(stored, i), _slot(summarised, i))
+                    hook = torch.compiler.disable(make(*slots))
+                    self._handles.append(register(i, hook))
             self._attached = True
         except BaseException:
             self.detach()
@@ -241,14 +259,17 @@ class AttentionRecorder:
                 run.times.append(timestep.detach().reshape(-1)[:1])
 
         def denoise_step(*args, **kwargs):
-            timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
+            timestep = self.adapter.denoise_timestep(args, kwargs)
             note_step(timestep)
             return original(*args, **kwargs)
 
         return denoise_step
 
     # ---- hooks -------------------------------------------------------------------------------------
-    def _make_expert_hook(self, layer_slot: int):
+    def _make_expert_hook(self, layer_slot: int, summary_slot: int):
+        """Hook of one expert layer: its full attention into slot ``layer_slot`` of the host buffer and
+        its summary into slot ``summary_slot`` (-1: not stored / not summarised)."""
+
         def hook(module, args, kwargs, output):
             run = self._current
             if run is None or run.slot < 0:
@@ -258,32 +279,42 @@ class AttentionRecorder:
             if tuple(probs.shape[-2:]) != tuple(expected):
                 raise CaptureError(
                     f"expert attention has shape {tuple(probs.shape)}, the token layout expects "
-                    f"(B, H, {expected[0]}, {expected[1]}); is this a Pi0.5 with an unexpected input?"
+                    f"(B, H, {expected[0]}, {expected[1]}); is this a {self.adapter.label} with an unexpected input?"
                 )
-            run.buffers.attention[:, run.slot, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
+            if layer_slot >= 0:
+                run.buffers.attention[:, run.slot, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
+            if summary_slot >= 0 and run.summary is not None:
+                if run.staged:
+                    self._staging_for(run, probs)[:, run.slot, summary_slot].copy_(probs)
+                else:
+                    _put_summary(run.summary, (slice(None), run.slot, summary_slot), self._plan.expert(probs, run.valid))
             run.copied = True
             return None
 
         return hook
 
-    def _make_prefix_hook(self, layer_slot: int):
+    def _make_prefix_hook(self, layer_slot: int, summary_slot: int):
         def hook(module, args, kwargs, output):
             run = self._current
-            if run is None or run.buffers.prefix is None:
-                return None
-            if run.denoise_index >= 0:  # only the prefix pass, never a denoise step
+            if run is None or run.denoise_index >= 0:  # only the prefix pass, never a denoise step
                 return None
             probs = output[1]
-            run.buffers.prefix[:, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
+            if layer_slot >= 0 and run.buffers.prefix is not None:
+                run.buffers.prefix[:, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
+            out = run.summary
+            if summary_slot >= 0 and out is not None and out.prefix_region_mass is not None:
+                mass, ent = self._plan.prefix(probs, run.valid)
+                out.prefix_region_mass[:, summary_slot].copy_(mass)
+                out.prefix_entropy[:, summary_slot].copy_(ent)
             return None
 
         return hook
 
     # ---- one inference -------------------------------------------------------------------------------
     def _begin(self, batch) -> _Inference | None:
-        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
+        from lerobot.utils.constants import OBS_STATE
 
-        tokens = batch[OBS_LANGUAGE_TOKENS]
+        tokens, mask_tensor = self.adapter.language(batch)  # as long as the layout's language region
         b = int(tokens.shape[0])
         episodes = self.episodes.start_batch(b)
         keep = self.episodes.keep()
@@ -294,8 +325,15 @@ class AttentionRecorder:
         else:
             self._check_layout(batch)
         # ids and mask are inputs: fetching them before the model runs costs no wait for it
-        mask = batch[OBS_LANGUAGE_ATTENTION_MASK].detach().cpu().numpy().astype(bool)
+        mask = mask_tensor.detach().cpu().numpy().astype(bool)
         ids = tokens.detach().cpu().numpy().astype(np.int32)
+        summary, valid = None, None
+        if self.spec.summary_layers or self.spec.summary_prefix_layers:
+            if self._plan is None or self._plan.device != tokens.device:
+                self._plan = SummaryPlan(self.spec.layout, tokens.device)
+            summary = SummaryBuffers.allocate(self.spec, b, tokens.device)
+            valid = self._plan.key_valid(mask_tensor.detach())
+        staged = self._stage_summaries if self._stage_summaries is not None else tokens.device.type == "cuda"
         run = _Inference(
             episodes=episodes,
             env_step=self.episodes.env_step,
@@ -303,6 +341,9 @@ class AttentionRecorder:
             buffers=self._next_buffers(b, tokens.device),
             language=(np.where(mask, ids, S.LANGUAGE_PAD_ID).astype(np.int32), mask),
             state=batch[OBS_STATE] if S.STATE in self.spec.extra_shapes else None,
+            summary=summary,
+            valid=valid,
+            staged=bool(staged),
         )
         self._current = run
         return run
@@ -310,7 +351,7 @@ class AttentionRecorder:
     def _start_store(self, batch) -> None:
         from lerobot.utils.constants import OBS_STATE
 
-        layout = L.token_layout(self.policy, batch)
+        layout = self.adapter.token_layout(batch)
         action_dim = int(self.policy.config.output_features["action"].shape[0])
         extra = {}
         if self.store_state and OBS_STATE in batch:
@@ -319,21 +360,24 @@ class AttentionRecorder:
             layout=layout,
             layers=self.layers,
             denoise_steps=self.denoise_steps,
-            num_denoise_steps=int(self.policy.config.num_inference_steps),
-            num_layers=len(expert_layers(self.policy)),
-            num_heads=num_heads(self.policy),
+            num_denoise_steps=self.adapter.num_denoise_steps(),
+            num_layers=len(self.adapter.expert_layers()),
+            num_heads=self.adapter.num_heads(),
             encoding=self.encoding,
-            image_shape=(*self.policy.config.image_resolution, 3) if self.store_images else None,
+            image_shape=self.adapter.image_shape(batch) if self.store_images else None,
             action_shape=(int(self.policy.config.chunk_size), action_dim) if self.store_actions else None,
             store_language_tokens=True,
             prefix_layers=self.prefix_layers,
             extra_shapes=extra,
+            summary_layers=self.summary_layers,
+            summary_prefix_layers=self.summary_prefix_layers,
+            layer_kinds=self.adapter.store_layer_kinds(self.layers),
         )
         self.writer.start(spec)
         self.spec = spec
 
     def _check_layout(self, batch) -> None:
-        layout = L.token_layout(self.policy, batch)
+        layout = self.adapter.token_layout(batch)
         if layout != self.spec.layout:
             raise CaptureError(
                 f"the policy's token layout changed mid-run (cameras {layout.cameras} present "
@@ -362,6 +406,8 @@ class AttentionRecorder:
                 "through its self_attn modules (is this lerobot 0.6.1's Pi0.5?)"
             )
         cuda = actions.is_cuda
+        if run.staged and run.summary is not None and run.summary.region_mass is not None:
+            self._summarise_staged(run)
         small = {"times": torch.cat(run.times).float()}
         if run.state is not None:
             small["state"] = run.state.float()
@@ -371,6 +417,8 @@ class AttentionRecorder:
             if run.images is None:
                 raise CaptureError("the policy did not call _preprocess_images; cannot store its images")
             small["images"] = L.images_as_uint8(run.images, spec.layout.camera_present)
+        if run.summary is not None:
+            small.update(run.summary.variables())
         host = {k: to_host(v, cuda) for k, v in small.items()}
         times, ready = host["times"], None
         if cuda:
@@ -385,7 +433,7 @@ class AttentionRecorder:
             episodes=run.episodes,
             env_steps=np.full(b, run.env_step, dtype=np.int64),
             attention=run.buffers.attention,
-            key_valid=L.key_valid(spec.layout, mask),
+            key_valid=self.adapter.key_valid(spec.layout, mask),
             times=times,
             language_token_id=ids,
             language_token_text=texts,
@@ -395,12 +443,49 @@ class AttentionRecorder:
             state=host.get("state"),
             keep=run.keep,
             ready=ready,
+            **{name: host[name] for name in (run.summary.variables() if run.summary is not None else ())},
         )
         self.writer.append(batch)
         self.inferences += 1
 
+    def _staging_for(self, run: _Inference, probs):
+        """The device buffer (B, D, summary layers, H, Q, K) in the probabilities' dtype, reused across runs
+        (stream order keeps a run's summarising before the next run's copies)."""
+        import torch
+
+        spec = self.spec
+        shape = (probs.shape[0], len(spec.denoise_steps), len(spec.summary_layers), *probs.shape[1:])
+        buf = self._staging
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != probs.dtype or buf.device != probs.device:
+            self._staging = buf = torch.empty(shape, dtype=probs.dtype, device=probs.device)
+        return buf
+
+    def _summarise_staged(self, run: _Inference) -> None:
+        """Summaries of every staged denoise step, a few kernels per step over all layers at once."""
+        staging = self._staging
+        for d in range(staging.shape[1]):
+            _put_summary(run.summary, (slice(None), d), self._plan.expert(staging[:, d], run.valid))
+
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _put_summary(out: SummaryBuffers, index: tuple, summary: tuple[Any, Any, Any]) -> None:
+    """Copy one (mass, entropy, grid) of :meth:`SummaryPlan.expert` into the run's buffers at ``index``."""
+    mass, ent, grid = summary
+    out.region_mass[index].copy_(mass)
+    out.entropy[index].copy_(ent)
+    if out.grid is not None:
+        out.grid[index].copy_(grid)
+
+
+def _slot(chosen: tuple[int, ...], index: int) -> int:
+    """Position of layer ``index`` among ``chosen`` (-1: not chosen).
+
+    >>> _slot((16, 17), 17), _slot((16, 17), 3)
+    (1, -1)
+    """
+    return chosen.index(index) if index in chosen else -1
+
+
 def _to_numpy(value) -> Any:
     if hasattr(value, "detach"):
         return value.detach().cpu().numpy()

@@ -22,8 +22,11 @@ attention options (defaults in brackets):
                                                     (true: the --attention.layers ones) [false]
   --attention.images=true|false                     store the images the policy saw [true]
   --attention.actions=true|false                    store the predicted action chunks [true]
-  --attention.encoding=uint16|float32               uint16: max abs error 7.6e-6, ~4x smaller;
-                                                    float32: exact [uint16]
+  --attention.encoding=portable|compact|analysis|float32
+                                                    portable: uint16 any Zarr reader reads, max abs
+                                                    error 7.6e-6; compact: the same values ~2.6x smaller
+                                                    (attnstore's codec); analysis: lossy, bounded
+                                                    shares/entropy/top-5 errors; float32: exact [portable]
   --attention.overwrite=true|false                  replace an existing store at the same path [false]
   --attention.store=PATH.zarr                       where to write it [<output_dir>/attention.zarr]
 

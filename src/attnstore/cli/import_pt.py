@@ -20,7 +20,8 @@ Pi0.5: 3 cameras x 256 patches + 200 language tokens) unless the files were writ
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="PT_FILE_OR_DIR", help=".pt files or folders of them")
     parser.add_argument("store", metavar="STORE", help="attention store to create (attention.zarr folder)")
-    parser.add_argument("--encoding", choices=("uint16", "float32"), default="uint16", help="store encoding (default uint16)")
+    parser.add_argument("--encoding", choices=("portable", "compact", "analysis", "float32", "uint16"), default="portable",
+                        help="store encoding (default portable; see README 'Encoding')")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing attnstore store at STORE")
     parser.add_argument("--num-language", type=int, default=200, help="language tokens in the key axis (default 200)")
     parser.add_argument("--grid", type=int, default=16, help="patch grid side per camera (default 16 -> 256 patches)")

@@ -1,22 +1,36 @@
-"""``attnstore inspect``: summarise a store, a legacy .pt file or a folder of them."""
+"""``attnstore inspect``: summarise a store (path or URL), a legacy .pt file or a folder of them."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "summarise an attention store, a legacy .pt file or a folder of .pt files"
+from attnstore.cli._storage import add_storage_arguments, storage_options
+
+HELP = "summarise an attention store (path or URL), a legacy .pt file or a folder of .pt files"
 DESCRIPTION = """\
 For a store: status, size, encoding, layers, heads, denoise steps and times, shapes, key regions,
 episodes (complete or not) and run attrs. For legacy .pt files: metadata, structure, an example
 entry and shapes, like the old inspect_saved_attention.py. Reads no attention data (mmap for .pt).
+A store may be an fsspec URL (s3://bucket/run/attention.zarr): credentials and endpoint come from
+the AWS_* environment variables (AWS_ENDPOINT_URL for an S3-compatible server) or --storage-option.
 Exit status 1 when a folder holds unreadable .pt files."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="attention.zarr store, .pt file or folder of .pt files")
+    parser.add_argument("path", help="attention.zarr store (path or URL), .pt file or folder of .pt files")
+    add_storage_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from attnstore.store.location import locate
+
+    options = storage_options(args.storage_option)
+    location = locate(args.path, options)
+    if not location.is_local:
+        from attnstore.store.inspect import inspect_store
+
+        print(inspect_store(location))
+        return 0
     from attnstore.legacy.inspect_pt import inspect_report
 
     text, bad = inspect_report(args.path)

@@ -9,6 +9,8 @@ module's :func:`~attnstore.selection.parse_layers`, still before any simulation 
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,7 @@ class AttentionConfig:
     prefix: str = "false"  # VLM prefix self-attention: false | true (same layers) | last:N | all | [0,1]
     images: bool = True  # store the images the policy saw
     actions: bool = True  # store the predicted action chunks
-    encoding: str = "uint16"  # uint16 (max abs err 7.6e-6, ~4x smaller) | float32 (exact)
+    encoding: str = "portable"  # portable | compact | analysis | float32 (schema/encoding.py); uint16 = portable
     overwrite: bool = False  # replace an existing attention store at the same path
     store: Path | None = None  # default: <output_dir>/attention.zarr
 
@@ -60,7 +62,13 @@ class AttentionConfig:
             self.episodes, error=EvalConfigError, label=f"--attention.episodes={self.episodes}"
         )
         if self.store is not None:
-            self.store = Path(self.store)
+            if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(self.store)) and not str(self.store).startswith("file://"):
+                raise EvalConfigError(
+                    f"--attention.store={self.store}: an evaluation writes to a local or shared filesystem path "
+                    f"(object stores have no atomic rename or lock, which keep every committed inference readable "
+                    f"after a kill); write locally, then upload with 'attnstore pack STORE {self.store}'"
+                )
+            self.store = Path(str(self.store).removeprefix("file://"))
             if self.store.suffix != ".zarr":
                 raise EvalConfigError(
                     f"--attention.store={self.store}: name the store folder '*.zarr' (e.g. out/attention.zarr)"

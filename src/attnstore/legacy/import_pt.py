@@ -92,7 +92,7 @@ class _Plan:
 def import_pt(
     paths: Sequence[str | os.PathLike[str]],
     store: str | os.PathLike[str],
-    encoding: str = "uint16",
+    encoding: str = "portable",
     overwrite: bool = False,
     *,
     guess: LayoutGuess = LayoutGuess(),

@@ -30,6 +30,7 @@ Root attrs hold ``{"attnstore": {"schema_version", "format", "spec", "status", "
 """
 
 from attnstore.schema.encoding import (
+    DEFAULT_ENCODING,
     ENCODINGS,
     MAX_ABS_ERROR,
     UINT16_SCALE,

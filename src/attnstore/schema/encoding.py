@@ -1,38 +1,112 @@
-"""How arrays are encoded on disk: the attention encodings and the default compressor."""
+"""How arrays are encoded on disk: the attention encodings and the default compressor.
+
+Attention encodings (``--attention.encoding``, ``import-pt --encoding``, ``StoreSpec.encoding``):
+
+* ``portable`` (default): a plain uint16 array of round(p * 65535) with CF attributes ``scale_factor`` =
+  1/65535, ``add_offset`` = 0 (no ``_FillValue``), blosc-zstd level 1 with 2-byte shuffle, then ``crc32c``.
+  Every Zarr v3 reader decodes it with no extra package (zarr-python >= 3.1, tensorstore, zarrs); xarray's
+  CF decoding gives float64 (``open_attention`` gives float32). Max abs error 7.6e-6; masked zeros stay 0.
+* ``compact``: the same uint16 integers, exactly, through the ``attnstore.denoise_predict`` codec
+  (:mod:`attnstore.store.codecs`: prediction along the denoise axis + blosc), then ``crc32c``. Readable
+  by zarr-python with that codec registered (attnstore imported), not by tensorstore or zarrs.
+* ``analysis``: ``compact``'s codec on integers the writer first re-quantises per attention row
+  (:func:`attnstore.store.codecs.analysis_quantise`, lossy, checked per row against the bounds in
+  :data:`ANALYSIS_BOUNDS`).
+* ``float32``: exact float32, blosc-zstd 4-byte shuffle, ``crc32c``.
+* ``uint16``: the name of schema version 1's encoding (float32 array through the ``scale_offset`` +
+  ``cast_value`` codecs, which need zarr-python >= 3.4 and ``cast-value-rs``). Version-1 stores keep
+  reading; writing ``uint16`` now writes ``portable`` (an alias; the spec records ``uint16``).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
+
 from attnstore.errors import SchemaError
 
-Encoding = Literal["uint16", "float32"]
-ENCODINGS: tuple[str, ...] = ("uint16", "float32")
+Encoding = Literal["portable", "compact", "analysis", "float32", "uint16"]
+ENCODINGS: tuple[str, ...] = ("portable", "compact", "analysis", "float32", "uint16")
+DEFAULT_ENCODING = "portable"
 UINT16_SCALE = 65535
-# Worst-case absolute error of a stored probability, per encoding (round to nearest of 1/65535).
-MAX_ABS_ERROR: dict[str, float] = {"uint16": 0.5 / UINT16_SCALE + 1e-7, "float32": 0.0}
+QUANTISED = frozenset({"portable", "compact", "analysis", "uint16"})  # stored as uint16 round(p * 65535)
+# Worst-case absolute error of a stored probability, per encoding: round to nearest of 1/65535; analysis
+# adds at most half its coarsest residual step (8 units, attnstore.store.codecs.ANALYSIS_STEPS).
+_ROUNDING = 0.5 / UINT16_SCALE + 1e-7
+MAX_ABS_ERROR: dict[str, float] = {
+    "portable": _ROUNDING, "compact": _ROUNDING, "uint16": _ROUNDING, "float32": 0.0,
+    "analysis": 4.5 / UINT16_SCALE + 1e-7,
+}
+# What the analysis grade guarantees for every attention row (checked by the writer row by row against
+# the portable integers; a row that would break one is stored exactly): |region share error|, |entropy
+# error| (nats, over the row's nonzero keys), |row sum - 1| (on top of portable's own rounding), the top-5
+# patches per camera (identical, in order, ties to the lower index), |value error|; zeros stay exactly 0.
+ANALYSIS_BOUNDS: dict[str, float] = {
+    "region_share": 1e-3, "entropy": 0.01, "row_sum": 5e-3, "top_k": 5, "value": 1e-3,
+}
+# CF attributes of a quantised attention array: xarray (and any CF reader) decodes k -> k / 65535.
+CF_ATTRS: dict[str, float] = {"scale_factor": 1.0 / UINT16_SCALE, "add_offset": 0.0}
+DENOISE_PREDICT_CODEC = "attnstore.denoise_predict"  # implemented in attnstore.store.codecs
+
+
+def canonical_encoding(encoding: str) -> str:
+    """What an encoding name writes: ``uint16`` writes ``portable``; others are themselves.
+
+    >>> canonical_encoding("uint16"), canonical_encoding("compact")
+    ('portable', 'compact')
+    """
+    if encoding not in ENCODINGS:
+        raise SchemaError(f"unknown attention encoding '{encoding}'; choose one of {ENCODINGS}")
+    return DEFAULT_ENCODING if encoding == "uint16" else encoding
 
 
 def attention_codecs(encoding: str) -> dict[str, Any]:
-    """Zarr v3 ``filters``/``compressors`` for the attention arrays.
+    """Keyword arguments of ``zarr.Group.create_array`` for an attention array of this encoding.
 
-    ``uint16``: p -> round(p * 65535) stored as uint16 (v3-spec ``scale_offset`` + ``cast_value``),
-    blosc-zstd level 1 with 2-byte shuffle. Decodes to float32 for every reader; max abs error
-    7.6e-6; exact zeros (masked keys) stay exactly 0. ``float32``: exact, blosc-zstd 4-byte shuffle.
+    ``dtype`` (uint16 for the quantised encodings, float32 for ``float32``), the codec chain
+    (``serializer``/``filters``/``compressors``, ending with ``crc32c``) and, for the quantised
+    encodings, the CF ``attributes``. The writer quantises before writing (:func:`quantise`).
     """
-    from zarr.codecs import BloscCodec, CastValue, ScaleOffset
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
-    if encoding == "uint16":
-        return {
-            "filters": [
-                ScaleOffset(offset=0, scale=UINT16_SCALE),
-                CastValue(data_type="uint16", rounding="nearest-even", out_of_range="clamp"),
-            ],
-            "compressors": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)],
-        }
+    encoding = canonical_encoding(encoding)
     if encoding == "float32":
-        return {"compressors": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4)]}
-    raise SchemaError(f"unknown attention encoding '{encoding}'; choose one of {ENCODINGS}")
+        return {
+            "dtype": np.float32,
+            "filters": (),
+            "serializer": BytesCodec(),
+            "compressors": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4), Crc32cCodec()),
+        }
+    if encoding == "portable":
+        serializer: Any = BytesCodec()
+        compressors: tuple[Any, ...] = (
+            BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2), Crc32cCodec()
+        )
+    else:  # compact, analysis: the codec of attnstore.store.codecs, by name (the writer registers it)
+        serializer = {"name": DENOISE_PREDICT_CODEC, "configuration": {"axis": 1, "clevel": 1}}
+        compressors = (Crc32cCodec(),)
+    return {
+        "dtype": np.uint16,
+        "filters": (),
+        "serializer": serializer,
+        "compressors": compressors,
+        "attributes": dict(CF_ATTRS),
+    }
+
+
+def quantise(values: np.ndarray) -> np.ndarray:
+    """float probabilities -> uint16 round(p * 65535), clipped to 0..65535 (vectorised, in place on a
+    float32 ``values`` the caller owns: it is overwritten).
+
+    >>> quantise(np.array([0.0, 0.5, 1.0, 1.0000001, -1e-9], np.float32)).tolist()
+    [0, 32768, 65535, 65535, 0]
+    """
+    x = values if values.dtype == np.float32 and values.flags.writeable else values.astype(np.float32)
+    np.multiply(x, np.float32(UINT16_SCALE), out=x)
+    np.add(x, np.float32(0.5), out=x)  # + 0.5 then truncation = round half up
+    np.clip(x, np.float32(0.0), np.float32(UINT16_SCALE), out=x)
+    return x.astype(np.uint16)
 
 
 def default_compressors(typesize: int) -> list[Any]:

@@ -5,7 +5,8 @@ Nothing else in attnstore spells a dimension or variable name; import them from 
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: portable uint16 + CF attrs (1: float32 through scale_offset/cast_value)
+READABLE_SCHEMA_VERSIONS = (1, 2)  # versions this attnstore opens
 FORMAT_NAME = "attnstore.attention"
 ROOT_ATTR = "attnstore"
 

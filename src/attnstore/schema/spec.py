@@ -11,7 +11,7 @@ from attnstore.errors import SchemaError
 from attnstore.schema._dicts import jsonable, pick
 from attnstore.schema.encoding import ENCODINGS, Encoding
 from attnstore.schema.layout import TokenLayout
-from attnstore.schema.names import FORMAT_NAME, ROOT_ATTR, SCHEMA_VERSION
+from attnstore.schema.names import FORMAT_NAME, READABLE_SCHEMA_VERSIONS, ROOT_ATTR, SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class StoreSpec:
     num_denoise_steps: int = 10
     num_layers: int | None = None  # depth of the expert (for the record; None = unknown)
     num_heads: int = 8
-    encoding: Encoding = "uint16"
+    encoding: Encoding = "portable"
     image_shape: tuple[int, int, int] | None = None  # (H, W, 3) of stored policy images; None = not stored
     action_shape: tuple[int, int] | None = None  # (chunk, action_dim) of stored actions; None = not stored
     store_language_tokens: bool = True
@@ -39,11 +39,18 @@ class StoreSpec:
     # per-row shapes of the table's optional variables that take their shape from the spec
     # (``Variable.shape_from_spec``), e.g. {"state": (8,)}; a variable not named here is not stored
     extra_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # expert / VLM layers with a per-layer summary (region mass, entropy, camera grids; schema/variables.py),
+    # usually every layer, whatever ``layers`` stores in full; () = no summaries (stores before them)
+    summary_layers: tuple[int, ...] = ()
+    summary_prefix_layers: tuple[int, ...] = ()
+    # attention kind of each captured layer ("self": prefix + action keys, "cross": the VLM's prefix keys
+    # only, SmolVLA's cross-attention layers), one per ``layers`` entry; () = all self-attention (Pi0.5, Pi0)
+    layer_kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.layout, Mapping):
             object.__setattr__(self, "layout", TokenLayout.from_dict(self.layout))
-        for name in ("layers", "denoise_steps", "prefix_layers"):
+        for name in ("layers", "denoise_steps", "prefix_layers", "summary_layers", "summary_prefix_layers"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         if not self.layers:
             raise SchemaError("store spec: at least one layer must be captured")
@@ -79,6 +86,19 @@ class StoreSpec:
         if len(self.times) != len(self.denoise_steps):
             raise SchemaError("store spec: one time per denoise step expected")
         object.__setattr__(self, "extra_shapes", parse_extra_shapes(self.extra_shapes))
+        for name, depth in (("summary_layers", self.num_layers), ("summary_prefix_layers", None)):
+            values = getattr(self, name)
+            if len(set(values)) != len(values) or any(v < 0 for v in values) or list(values) != sorted(values):
+                raise SchemaError(f"store spec: {name} must be increasing non-negative indices, got {values}")
+            if depth is not None and values and max(values) >= depth:
+                raise SchemaError(f"store spec: {name} {max(values)} out of range for a {depth}-layer model")
+        object.__setattr__(self, "layer_kinds", tuple(str(v) for v in self.layer_kinds))
+        if self.layer_kinds and (
+            len(self.layer_kinds) != len(self.layers) or not set(self.layer_kinds) <= {"self", "cross"}
+        ):
+            raise SchemaError(
+                f"store spec: layer_kinds must be 'self'/'cross', one per layer {self.layers}, got {self.layer_kinds}"
+            )
 
     @property
     def attention_shape_per_inference(self) -> tuple[int, int, int, int, int]:
@@ -99,6 +119,9 @@ class StoreSpec:
             out["extra_shapes"] = {k: list(v) for k, v in self.extra_shapes.items()}
         else:  # stores without extra variables stay readable by attnstore releases before it
             del out["extra_shapes"]
+        for name in ("summary_layers", "summary_prefix_layers", "layer_kinds"):  # likewise stores without them
+            if not getattr(self, name):
+                del out[name]
         return out
 
     @classmethod
@@ -168,9 +191,10 @@ def read_root_attrs(attrs: Mapping[str, Any], where: str) -> tuple[StoreSpec, di
             f"{where} is a zarr store but not an attnstore attention store (no '{ROOT_ATTR}' root attrs)"
         )
     version = info.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
         raise SchemaError(
-            f"{where} has attnstore schema version {version}, this attnstore reads version "
-            f"{SCHEMA_VERSION}: use the attnstore release that wrote it, or re-create the store"
+            f"{where} has attnstore schema version {version}, this attnstore reads versions "
+            f"{readable}: use the attnstore release that wrote it, or re-create the store"
         )
     return StoreSpec.from_dict(info["spec"]), dict(info)

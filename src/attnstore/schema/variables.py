@@ -34,6 +34,21 @@ from attnstore.schema import names as N
 from attnstore.schema.spec import StoreSpec
 
 Role = Literal["coord", "row", "episode"]
+
+# ---- per-layer summaries (capture/summary.py computes them on the device; readers/regions.py reads them) ----
+SUMMARY_LAYER = "summary_layer"  # dim + coord: the expert layers with a summary (usually all)
+SUMMARY_PREFIX_LAYER = "summary_prefix_layer"  # dim + coord: the VLM layers with a prefix summary
+REGION = N.REGION  # dim + coord: the key regions (each camera slot, language, action), layout order
+GRID_ROW, GRID_COL = "grid_row", "grid_col"  # dims of summary_grid (patch_row/patch_col are key coords)
+SUMMARY_REGION_MASS = "summary_region_mass"
+SUMMARY_ENTROPY = "summary_entropy"
+SUMMARY_GRID = "summary_grid"
+SUMMARY_PREFIX_REGION_MASS = "summary_prefix_region_mass"
+SUMMARY_PREFIX_ENTROPY = "summary_prefix_entropy"
+SUMMARY_VARIABLES = (SUMMARY_REGION_MASS, SUMMARY_ENTROPY, SUMMARY_GRID, SUMMARY_PREFIX_REGION_MASS,
+                     SUMMARY_PREFIX_ENTROPY)
+# coord on the layer axis (only when the spec has ``layer_kinds``, e.g. SmolVLA): "self" or "cross" per layer
+LAYER_KIND = "layer_kind"
 Shape = tuple[int, ...]
 
 INFERENCE_COORDINATES = " ".join(N.INFERENCE_COORDS)
@@ -89,6 +104,22 @@ def _prefix(spec: StoreSpec) -> Shape | None:
     return spec.prefix_attention_shape_per_inference if spec.prefix_layers else None
 
 
+def _summary(spec: StoreSpec, *per_layer: int) -> Shape | None:
+    """(denoise, summary_layer, *per_layer) when the spec has expert-layer summaries."""
+    return (len(spec.denoise_steps), len(spec.summary_layers), *per_layer) if spec.summary_layers else None
+
+
+def _summary_grid(spec: StoreSpec) -> Shape | None:
+    lay = spec.layout
+    n = sum(lay.camera_present)
+    return _summary(spec, n, lay.grid_rows, lay.grid_cols) if n else None
+
+
+def _prefix_summary(spec: StoreSpec, *per_query: int) -> Shape | None:
+    n = len(spec.summary_prefix_layers)
+    return (n, spec.num_heads, spec.layout.prefix_len, *per_query) if n else None
+
+
 def _present_cameras(spec: StoreSpec) -> np.ndarray:
     lay = spec.layout
     return np.asarray([c for c, p in zip(lay.cameras, lay.camera_present) if p], dtype=str)
@@ -110,6 +141,7 @@ def _index_var(name: str, dtype: Any) -> Variable:
 
 
 _ROW = dict(role="row", coordinates=INFERENCE_COORDINATES)
+_SUMMARY_COORDINATES = f"{INFERENCE_COORDINATES} {N.TIME}"
 
 VARIABLES: tuple[Variable, ...] = (
     # ---- static coordinates ----
@@ -118,23 +150,39 @@ VARIABLES: tuple[Variable, ...] = (
              attrs={"long_name": "flow-matching time t"}),
     Variable(N.LAYER, "coord", (N.LAYER,), np.int16, values=lambda s: np.asarray(s.layers, np.int16),
              attrs={"long_name": "action-expert layer index"}),
+    Variable(LAYER_KIND, "coord", (N.LAYER,), str, shape=lambda s: () if s.layer_kinds else None,
+             values=lambda s: np.asarray(s.layer_kinds, dtype=str), fill="",
+             attrs={"long_name": "attention kind of the layer: self (prefix and action keys) or cross "
+                                 "(the VLM's prefix keys only; its action keys are 0)"}),
     Variable(N.HEAD, "coord", (N.HEAD,), np.int16, values=lambda s: np.arange(s.num_heads, dtype=np.int16)),
     Variable(N.QUERY, "coord", (N.QUERY,), np.int16, values=lambda s: np.arange(s.layout.num_action, dtype=np.int16),
              attrs={"long_name": "action token"}),
     *(_key_coord(name) for name in N.KEY_COORDS),
     Variable(N.LANGUAGE_TOKEN, "coord", (N.LANGUAGE_TOKEN,), np.int16, shape=_language,
              values=lambda s: np.arange(s.layout.num_language, dtype=np.int16)),
-    Variable(N.CAMERA, "coord", (N.CAMERA,), str, shape=lambda s: None if s.image_shape is None else (),
+    Variable(N.CAMERA, "coord", (N.CAMERA,), str,
+             shape=lambda s: None if s.image_shape is None and _summary_grid(s) is None else (),
              values=_present_cameras, fill=""),
     Variable(N.PREFIX_LAYER, "coord", (N.PREFIX_LAYER,), np.int16, shape=lambda s: () if s.prefix_layers else None,
              values=lambda s: np.asarray(s.prefix_layers, np.int16)),
+    Variable(SUMMARY_LAYER, "coord", (SUMMARY_LAYER,), np.int16, shape=lambda s: () if s.summary_layers else None,
+             values=lambda s: np.asarray(s.summary_layers, np.int16),
+             attrs={"long_name": "action-expert layer index (per-layer summaries)"}),
+    Variable(SUMMARY_PREFIX_LAYER, "coord", (SUMMARY_PREFIX_LAYER,), np.int16,
+             shape=lambda s: () if s.summary_prefix_layers else None,
+             values=lambda s: np.asarray(s.summary_prefix_layers, np.int16),
+             attrs={"long_name": "VLM layer index (per-layer prefix summaries)"}),
+    Variable(REGION, "coord", (REGION,), str,
+             shape=lambda s: () if s.summary_layers or s.summary_prefix_layers else None,
+             values=lambda s: np.asarray(s.layout.regions, dtype=str), fill="",
+             attrs={"long_name": "key region: each camera slot, language, action (key order)"}),
     # ---- per inference (the commit marker first in the table, written last) ----
     _index_var(N.EPISODE, np.int64),
     _index_var(N.ROLLOUT, np.int32),
     _index_var(N.ENV_STEP, np.int32),
     Variable(N.ATTENTION, "row", (N.INFERENCE, N.DENOISE, N.LAYER, N.HEAD, N.QUERY, N.KEY), np.float32,
              shape=lambda s: s.attention_shape_per_inference, attention_codec=True,
-             coordinates=f"{INFERENCE_COORDINATES} {N.TIME} {KEY_COORDINATES}",
+             coordinates=f"{INFERENCE_COORDINATES} {N.TIME} {LAYER_KIND} {KEY_COORDINATES}",
              attrs={"long_name": "action-token attention probabilities"}),
     Variable(N.KEY_VALID, "row", (N.INFERENCE, N.KEY), bool, shape=lambda s: (s.layout.num_keys,), fill=False,
              coordinates=f"{INFERENCE_COORDINATES} {KEY_COORDINATES}"),
@@ -152,6 +200,24 @@ VARIABLES: tuple[Variable, ...] = (
              attrs={"long_name": "VLM prefix self-attention probabilities"}, **_ROW),
     Variable(N.STATE, dims=(N.INFERENCE, N.STATE_DIM), dtype=np.float32, shape_from_spec=True,
              attrs={"long_name": "robot state the policy saw (observation.state, after lerobot's processors)"},
+             **_ROW),
+    # ---- per-layer summaries: every expert (VLM) layer, whatever is stored in full; float16 ----
+    Variable(SUMMARY_REGION_MASS, "row", (N.INFERENCE, N.DENOISE, SUMMARY_LAYER, N.HEAD, N.QUERY, REGION),
+             np.float16, shape=lambda s: _summary(s, s.num_heads, s.layout.num_action, len(s.layout.regions)),
+             coordinates=_SUMMARY_COORDINATES,
+             attrs={"long_name": "action-token attention mass per key region (sum of p over its keys)"}),
+    Variable(SUMMARY_ENTROPY, "row", (N.INFERENCE, N.DENOISE, SUMMARY_LAYER, N.HEAD, N.QUERY), np.float16,
+             shape=lambda s: _summary(s, s.num_heads, s.layout.num_action), coordinates=_SUMMARY_COORDINATES,
+             attrs={"long_name": "entropy of each action-token attention row over its valid keys", "units": "nats"}),
+    Variable(SUMMARY_GRID, "row", (N.INFERENCE, N.DENOISE, SUMMARY_LAYER, N.CAMERA, GRID_ROW, GRID_COL), np.float16,
+             shape=_summary_grid, coordinates=_SUMMARY_COORDINATES,
+             attrs={"long_name": "head-and-action-token mean attention on each present camera's patches"}),
+    Variable(SUMMARY_PREFIX_REGION_MASS, dims=(N.INFERENCE, SUMMARY_PREFIX_LAYER, N.HEAD, N.PREFIX_QUERY, REGION),
+             dtype=np.float16, shape=lambda s: _prefix_summary(s, len(s.layout.regions)),
+             attrs={"long_name": "prefix-query attention mass per key region (VLM layers)"}, **_ROW),
+    Variable(SUMMARY_PREFIX_ENTROPY, dims=(N.INFERENCE, SUMMARY_PREFIX_LAYER, N.HEAD, N.PREFIX_QUERY),
+             dtype=np.float16, shape=_prefix_summary,
+             attrs={"long_name": "entropy of each prefix-query attention row over its valid keys", "units": "nats"},
              **_ROW),
     # ---- per finished episode (episode_index is the commit marker, written last) ----
     _episode_var(N.EPISODE_INDEX, np.int64, N.UNCOMMITTED),

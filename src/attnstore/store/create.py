@@ -140,15 +140,16 @@ def _create_arrays(group, spec: StoreSpec) -> None:
             row = var.row_shape(spec)
             shape = (0, *row)
             chunks = (var.chunk_rows, *row)
-        if var.attention_codec:
-            codecs = S.attention_codecs(spec.encoding)
+        if var.attention_codec:  # the encoding may store another dtype (uint16 for p in [0, 1])
+            codecs = dict(S.attention_codecs(spec.encoding))
         else:
             codecs = {"compressors": S.default_compressors(1 if var.dtype is str else np.dtype(var.dtype).itemsize)}
+        dtype = codecs.pop("dtype", var.dtype)
         arr = group.create_array(
             var.name,
             shape=shape,
             chunks=chunks,
-            dtype=var.dtype,
+            dtype=dtype,
             fill_value=var.fill,
             dimension_names=list(var.dims),
             **codecs,

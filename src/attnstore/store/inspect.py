@@ -24,12 +24,15 @@ STATUS_TEXT = {
 
 
 # ---- store -------------------------------------------------------------------------------------
-def inspect_store(path: Path) -> str:
+def inspect_store(source: Any, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The summary of one store (a local path, an fsspec URL or a zarr Store)."""
+    from attnstore.store.location import locate
     from attnstore.store.open import RUN_ATTR, STATUS_ATTR, episode_table, open_attention, read_spec, spec_of
-    from attnstore.store.writer import directory_bytes
 
-    read_spec(path)  # a one-line error for a foreign zarr store before xarray gets to it
-    ds = open_attention(path)
+    loc = locate(source, storage_options)
+    path = loc.name
+    read_spec(loc)  # a one-line error for a foreign zarr store before xarray gets to it
+    ds = open_attention(loc)
     spec = spec_of(ds)
     lay = spec.layout
     status = ds.attrs.get(STATUS_ATTR) or "unknown"
@@ -42,7 +45,8 @@ def inspect_store(path: Path) -> str:
 
     out = [f"Attention store: {path}"]
     out.append(f"  status:       {STATUS_TEXT.get(status, status)}")
-    out.append(f"  size on disk: {human_bytes(directory_bytes(path))}")
+    size = loc.size_bytes()
+    out.append(f"  size on disk: {'unknown' if size is None else human_bytes(size)}")
     out.append(f"  encoding:     {spec.encoding} (max abs error {S.MAX_ABS_ERROR[spec.encoding]:.2g})")
     out.append(
         f"  episodes:     {len(episodes)} ({len(episodes) - len(incomplete)} complete, {len(incomplete)} incomplete)"

@@ -8,8 +8,7 @@ were left at different lengths by a kill mid-append. Everything stays lazy (dask
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,22 @@ import xarray as xr
 from attnstore import schema as S
 from attnstore.errors import StoreError
 from attnstore.schema import StoreSpec
+from attnstore.store import codecs as _codecs  # noqa: F401 - registers the compact encoding's zarr codec
+from attnstore.store.location import Location, Source, describe_failure, locate
 
 SPEC_ATTR = "attnstore_spec"  # ds.attrs key holding the StoreSpec dict
 RUN_ATTR = "attnstore_run"  # ds.attrs key holding the run info (policy, task, lerobot version, ...)
 STATUS_ATTR = "attnstore_status"  # "writing" (or killed), "closed", "interrupted"
+_ATTENTION_VARS = tuple(v.name for v in S.VARIABLES if v.attention_codec)  # attention, prefix_attention
 
 
-def open_attention(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Dataset:
+def open_attention(
+    source: Source, *, chunks: Any = None, storage_options: Mapping[str, Any] | None = None
+) -> xr.Dataset:
     """Open an attention store lazily, committed rows only, indexed by (episode, rollout).
 
+    ``source``: a local path, an fsspec URL (``s3://bucket/run/attention.zarr``, ``gs://``, ``memory://``,
+    ``file://``) with ``storage_options`` as xarray/fsspec take them, or a zarr Store object.
     ``chunks`` is passed to ``xr.open_zarr`` (default: the store's chunks, one inference per chunk).
 
     Example::
@@ -35,21 +41,26 @@ def open_attention(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Da
         ds = open_attention("outputs/eval/attention.zarr")
         ds.attention.sel(episode=0, rollout=3, denoise=9, layer=17)   # (head, query, key), lazy
         action_to_visual(ds, camera="image")                          # (..., patch_row, patch_col)
+        open_attention("s3://lab/study/runs/task0/attention.zarr", storage_options={"endpoint_url": url})
     """
-    path = Path(path)
-    spec, info = read_spec(path)
-    consolidated = _has_consolidated_metadata(path)
-    if not consolidated and not _even_lengths(path):
-        # a store of an older attnstore killed mid-append (newer ones keep a consistent snapshot)
-        ds = _open_uneven(path, chunks)
-    else:
-        try:
+    loc = locate(source, storage_options)
+    spec, info, root = _read_root(loc)
+    consolidated = bool(root.get("consolidated_metadata"))
+    store = loc.path if loc.is_local else loc.store()
+    try:
+        if not consolidated and not _even_lengths(store):
+            # a store of an older attnstore killed mid-append (newer ones keep a consistent snapshot)
+            ds = _open_uneven(store, chunks)
+        else:
             # chunks=None would give non-dask lazy arrays that cache whole variables once touched;
             # {} keeps dask on the store's own chunks (one inference per chunk).
-            ds = xr.open_zarr(path, consolidated=consolidated, chunks={} if chunks is None else chunks, zarr_format=3)
-        except ValueError as exc:
-            raise StoreError(f"cannot open {path}: {exc}") from exc
-    ds = committed_rows(ds)
+            ds = xr.open_zarr(store, consolidated=consolidated, chunks={} if chunks is None else chunks,
+                              zarr_format=3, mask_and_scale={name: False for name in _ATTENTION_VARS})
+    except (ValueError, KeyError) as exc:
+        raise StoreError(f"cannot open {loc.name}: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(describe_failure(loc, exc)) from exc
+    ds = committed_rows(decode_attention(ds))
     small = [c for c in (S.ENV_STEP, S.TIME, *S.KEY_COORDS) if c in ds.coords]
     ds = ds.assign_coords({c: ds[c].load() for c in small})  # tiny; eager so .where/.sel on them is cheap
     ds = ds.set_xindex([S.EPISODE, S.ROLLOUT])
@@ -57,39 +68,87 @@ def open_attention(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Da
     return ds
 
 
-def read_spec(path: str | os.PathLike[str]) -> tuple[StoreSpec, dict[str, Any]]:
-    """The store's :class:`StoreSpec` and root info, or a one-line error saying what ``path`` is."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path} does not exist: pass the attention.zarr folder an evaluation wrote")
-    meta = path / "zarr.json"
-    if not path.is_dir() or not meta.is_file():
-        raise StoreError(f"{path} is not a zarr v3 store (no zarr.json): pass an attention.zarr folder")
-    try:
-        root = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{meta} is unreadable ({exc}): the store is damaged") from exc
+def read_spec(source: Source, storage_options: Mapping[str, Any] | None = None) -> tuple[StoreSpec, dict[str, Any]]:
+    """The store's :class:`StoreSpec` and root info, or a one-line error saying what ``source`` is."""
+    spec, info, _ = _read_root(locate(source, storage_options))
+    return spec, info
+
+
+def _read_root(loc: Location) -> tuple[StoreSpec, dict[str, Any], dict[str, Any]]:
+    """Spec, root info and the root ``zarr.json`` (the one place that reads it)."""
+    if loc.is_local and not loc.path.exists():
+        raise StoreError(f"{loc.name} does not exist: pass the attention.zarr folder an evaluation wrote")
+    root = loc.read_json("zarr.json")
+    if root is None:
+        if loc.is_local:
+            raise StoreError(f"{loc.name} is not a zarr v3 store (no zarr.json): pass an attention.zarr folder")
+        raise StoreError(f"{loc.name} does not exist (no zarr.json there): check the URL")
     if root.get("node_type") != "group":
-        raise StoreError(f"{path} is a zarr array, not an attnstore group store")
-    return S.read_root_attrs(root.get("attributes", {}), str(path))
+        raise StoreError(f"{loc.name} is a zarr array, not an attnstore group store")
+    spec, info = S.read_root_attrs(root.get("attributes", {}), loc.name)
+    return spec, info, root
 
 
 def spec_of(ds: xr.Dataset) -> StoreSpec:
-    """The StoreSpec of a dataset returned by :func:`open_attention`."""
-    try:
+    """The StoreSpec of a dataset from :func:`open_attention`, or from plain ``xr.open_zarr`` (the store's
+    root attrs, ``ds.attrs["attnstore"]``), or of any selection of either that kept its attrs."""
+    if SPEC_ATTR in ds.attrs:
         return StoreSpec.from_dict(ds.attrs[SPEC_ATTR])
-    except KeyError:
-        raise StoreError("dataset has no attnstore spec: open it with attnstore.open_attention") from None
+    if S.ROOT_ATTR in ds.attrs:
+        return S.read_root_attrs(ds.attrs, "the dataset")[0]
+    raise StoreError(
+        "dataset has no attnstore spec: open it with attnstore.open_attention or xr.open_zarr, and keep its attrs"
+    )
+
+
+def decode_attention(ds: xr.Dataset) -> xr.Dataset:
+    """Attention stored as CF-scaled integers (schema 2: uint16 k, ``scale_factor`` 1/65535) as float32
+    k / 65535, lazily; float32 arrays (the ``float32`` encoding, schema-1 stores) stay as they are."""
+    for name in _ATTENTION_VARS:
+        var = ds.variables.get(name)
+        if var is None or var.dtype.kind not in "iu" or "scale_factor" not in var.attrs:
+            continue
+        attrs = dict(var.attrs)
+        scale, offset = float(attrs.pop("scale_factor")), float(attrs.pop("add_offset", 0.0))
+        inverse = round(1.0 / scale)
+        if offset == 0.0 and abs(inverse * scale - 1.0) < 1e-12:
+            data = var.data.astype(np.float32) / np.float32(inverse)  # correctly rounded k / 65535
+        else:
+            data = var.data.astype(np.float32) * np.float32(scale) + np.float32(offset)
+        ds[name] = xr.Variable(var.dims, data, attrs)
+    return ds
 
 
 def committed_rows(ds: xr.Dataset) -> xr.Dataset:
     """Drop inference rows and episode records whose commit marker was never written."""
-    episode = np.asarray(ds[S.EPISODE].values)
-    ds = ds.isel({S.INFERENCE: np.flatnonzero(episode != S.UNCOMMITTED)})
+    ds = _keep(ds, S.INFERENCE, np.asarray(ds[S.EPISODE].values) != S.UNCOMMITTED)
     if S.EPISODE_INDEX in ds.dims:
-        marker = np.asarray(ds[S.EPISODE_INDEX].values)
-        ds = ds.isel({S.EPISODE_INDEX: np.flatnonzero(marker != S.UNCOMMITTED)})
+        ds = _keep(ds, S.EPISODE_INDEX, np.asarray(ds[S.EPISODE_INDEX].values) != S.UNCOMMITTED)
     return ds
+
+
+def _keep(ds: xr.Dataset, dim: str, mask: np.ndarray) -> xr.Dataset:
+    """``ds`` at the rows where ``mask``: slices of the committed runs (cheap for dask), not a fancy index."""
+    runs = contiguous_runs(mask)
+    if len(runs) == 1:
+        return ds.isel({dim: runs[0]})
+    if 1 < len(runs) <= 16:  # e.g. a resumed store: its killed run's uncommitted tail sits in between
+        return xr.concat([ds.isel({dim: r}) for r in runs], dim=dim, data_vars="minimal", coords="minimal",
+                         compat="override", join="override", combine_attrs="override")
+    return ds.isel({dim: np.flatnonzero(mask)})
+
+
+def contiguous_runs(mask: np.ndarray) -> list[slice]:
+    """The True runs of a boolean mask as slices (one empty slice when there are none).
+
+    >>> contiguous_runs(np.array([True, True, False, True]))
+    [slice(0, 2, None), slice(3, 4, None)]
+    >>> contiguous_runs(np.array([False])), contiguous_runs(np.array([True, True]))
+    ([slice(0, 0, None)], [slice(0, 2, None)])
+    """
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [slice(int(a), int(b)) for a, b in zip(starts, stops)] or [slice(0, 0)]
 
 
 def episode_table(ds) -> dict[int, dict[str, Any]]:
@@ -99,13 +158,6 @@ def episode_table(ds) -> dict[int, dict[str, Any]]:
     index = np.asarray(ds[S.EPISODE_INDEX].values).tolist()
     columns = {name: np.asarray(ds[name].values).tolist() for name in S.EPISODE_VARS if name in ds}
     return {int(ep): {name: col[i] for name, col in columns.items()} for i, ep in enumerate(index)}
-
-
-def _has_consolidated_metadata(path: Path) -> bool:
-    try:
-        return bool(json.loads((path / "zarr.json").read_text()).get("consolidated_metadata"))
-    except (OSError, ValueError):
-        return False
 
 
 def _growing_lengths(group) -> dict[str, set[int]]:
@@ -118,19 +170,23 @@ def _growing_lengths(group) -> dict[str, set[int]]:
     return lengths
 
 
-def _even_lengths(path: Path) -> bool:
+def _even_lengths(store: Any) -> bool:
     import zarr
 
-    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    group = zarr.open_group(_zarr_target(store), mode="r", use_consolidated=False)
     return all(len(sizes) == 1 for sizes in _growing_lengths(group).values())
 
 
-def _open_uneven(path: Path, chunks: Any) -> xr.Dataset:
+def _zarr_target(store: Any) -> Any:
+    return str(store) if isinstance(store, Path) else store
+
+
+def _open_uneven(store: Any, chunks: Any) -> xr.Dataset:
     """Open a store left mid-append: cut every array of a growing axis to the shortest one."""
     import dask.array as da
     import zarr
 
-    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    group = zarr.open_group(_zarr_target(store), mode="r", use_consolidated=False)
     arrays = dict(group.arrays())
     dims = {name: tuple(arr.metadata.dimension_names) for name, arr in arrays.items()}
     lengths = {dim: min(sizes) for dim, sizes in _growing_lengths(group).items()}
@@ -143,7 +199,7 @@ def _open_uneven(path: Path, chunks: Any) -> xr.Dataset:
         coord_names.update(str(arr.attrs.get("coordinates", "")).split())
     for var in variables.values():
         var.attrs.pop("coordinates", None)
-    ds = xr.Dataset(variables)
+    ds = decode_attention(xr.Dataset(variables))
     return ds.set_coords([c for c in coord_names | set(ds.dims) if c in ds.variables])
 
 

@@ -23,13 +23,13 @@ from attnstore.schema import ROOT_ATTR
 ROOT_META = "zarr.json"
 
 
-def consolidate(path: Path) -> None:
-    """Write consolidated metadata of the whole store as zarr does (creation, close)."""
+def consolidate(target: Any) -> None:
+    """Write consolidated metadata of the whole store (a local path or a zarr Store) as zarr does."""
     import zarr
 
     with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": xarray and zarr read it
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(str(target) if isinstance(target, Path) else target)
 
 
 class Snapshot:
@@ -47,9 +47,15 @@ class Snapshot:
             self._arrays[name]["shape"] = list(shape)
         self._write()
 
-    def finish(self, status: str) -> None:
-        """The store's final status (``closed``, ``interrupted``), in the same one atomic write."""
-        self._root["attributes"][ROOT_ATTR]["status"] = status
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """The store's final status (``closed``, ``interrupted``) and why (``status_reason``, when given),
+        in the same one atomic write."""
+        attrs = self._root["attributes"][ROOT_ATTR]
+        attrs["status"] = status
+        if reason is None:
+            attrs.pop("status_reason", None)
+        else:
+            attrs["status_reason"] = str(reason)
         self._write()
 
     def _write(self) -> None:

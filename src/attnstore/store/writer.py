@@ -30,6 +30,8 @@ import numpy as np
 from attnstore import schema as S
 from attnstore.errors import AttnStoreError, SchemaError, WriterError
 from attnstore.schema import EpisodeRecord, StoreSpec
+from attnstore.schema.encoding import QUANTISED, canonical_encoding, quantise
+from attnstore.store import codecs as _codecs  # noqa: F401 - registers the compact encoding's zarr codec
 from attnstore.store.create import WriteMode, open_for_writing, preflight
 from attnstore.store.lock import release_lock
 from attnstore.store.snapshot import Snapshot
@@ -201,8 +203,12 @@ class AttentionWriter:
         self._queue.join()
         self._raise_thread_error()
 
-    def close(self, status: str = "closed") -> WriterStats:
-        """Flush, finish the store (consolidated metadata, status attr) and stop the thread."""
+    def close(self, status: str = "closed", reason: str | None = None) -> WriterStats:
+        """Flush, finish the store (status attr, and ``reason`` when given) and stop the thread.
+
+        After a failure of the writer thread the store is finished as ``interrupted`` with the failure as
+        its reason (the committed rows stay readable), then the failure is raised.
+        """
         if self._closed:
             return self.stats
         self._closed = True
@@ -211,8 +217,13 @@ class AttentionWriter:
         try:
             self._queue.put(_STOP)
             self._thread.join()
-            self._raise_thread_error()
-            self._snapshot.finish(status)
+            if self._state.error is not None:
+                status = "interrupted"
+                reason = reason or _describe_failure(self._state.error, self.path, self.stats.rows)
+            try:
+                self._snapshot.finish(status, reason)
+            finally:
+                self._raise_thread_error()
         finally:
             release_lock(self.path)
         self.stats.store_bytes = directory_bytes(self.path)
@@ -280,16 +291,20 @@ class AttentionWriter:
             self._next_rollout[int(ep)] += 1
 
         data = {var.name: _np(batch[var.name], var.numpy_dtype)[rows] for var in S.batch_variables(self.spec)}
-        if self.spec.encoding == "uint16":  # checked before anything is resized: nothing half-written
+        attention_bytes = 4 * data[S.ATTENTION].size  # float32 bytes handed over, before encoding
+        if self.spec.encoding in QUANTISED:  # checked before anything is resized: nothing half-written
             for var in S.batch_variables(self.spec):
                 if var.attention_codec:
                     _check_finite(var.name, data[var.name], episodes, env_steps)
+            for var in S.batch_variables(self.spec):  # encoding: uint16 arrays get round(p * 65535)
+                if var.attention_codec and self._arrays[var.name].dtype == np.uint16:
+                    data[var.name] = _quantise_attention(data[var.name], self.spec)
         data[S.ENV_STEP] = env_steps
         data[S.ROLLOUT] = rollouts
         self._append_rows(S.EPISODE, n0, data, episodes)
         self._rows = n
         self.stats.rows += rows.size
-        self.stats.attention_bytes += data[S.ATTENTION].nbytes
+        self.stats.attention_bytes += attention_bytes
 
     def _write_episode(self, record: EpisodeRecord) -> None:
         i = self._episode_rows
@@ -338,12 +353,15 @@ def _validate_batch(batch: InferenceBatch, spec: StoreSpec) -> None:
             raise SchemaError(f"InferenceBatch.{var.name}: expected shape {shape}, got {got}")
 
 
+_NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+
+
 def _np(value: Any, dtype: Any = None) -> np.ndarray:
     """numpy view of a numpy array or a CPU torch tensor (bf16/fp16 widened to float32)."""
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
         value = value.detach()
-        if dtype is not None and np.dtype(dtype).kind == "f" and value.is_floating_point():
-            value = value.float()
+        if dtype is not None and np.dtype(dtype).kind == "f" and str(value.dtype) not in _NUMPY_FLOATS:
+            value = value.float()  # bfloat16 (no numpy dtype): widened
         value = value.cpu().numpy()
     arr = np.asarray(value)
     return arr if dtype is None else arr.astype(dtype, copy=False)
@@ -351,6 +369,17 @@ def _np(value: Any, dtype: Any = None) -> np.ndarray:
 
 def _committed_counts(episodes: np.ndarray) -> Counter:
     return Counter(int(e) for e in episodes if e != S.UNCOMMITTED)
+
+
+def _quantise_attention(values: np.ndarray, spec: StoreSpec) -> np.ndarray:
+    """uint16 round(p * 65535) of float32 rows the writer owns (overwritten); ``analysis`` re-quantises
+    each attention row within its checked bounds. (Version-1 stores, float32 arrays, are never passed.)"""
+    stored = quantise(values)
+    if canonical_encoding(spec.encoding) == "analysis":
+        from attnstore.store.codecs import analysis_quantise
+
+        stored = analysis_quantise(stored, spec.layout)
+    return stored
 
 
 def _check_finite(name: str, values: np.ndarray, episodes: np.ndarray, env_steps: np.ndarray) -> None:
