@@ -33,7 +33,7 @@ from attnstore import schema as S
 from attnstore.errors import StoreError
 from attnstore.schema import StoreSpec
 from attnstore.store.location import Location, Source, describe_failure, locate
-from attnstore.store.open import RUN_ATTR, SPEC_ATTR, STATUS_ATTR, open_attention
+from attnstore.store.open import RUN_ATTR, SPEC_ATTR, STATUS_ATTR, open_attention, read_spec
 
 RUN = "run"
 EPISODE_RUN = "episode_run"
@@ -41,6 +41,7 @@ RUN_INDEX = "run_index"
 OUTCOME = "outcome"
 TASK_KEY = "task_key"  # "<task_group>_<task_id>", like lerobot's per-task video folders
 RUNS_ATTR = "attnstore_runs"
+MAX_SEARCH_DEPTH = 4  # a folder is searched for stores down to FOLDER/*/*/*/*.zarr
 STUDY_CHUNK_BYTES = 64 * 2**20  # dask chunks of about this many raw bytes span many rows in a study
 RUN_FIELDS = {  # per-run table: variable -> key of the run attrs
     "run_policy": "policy",
@@ -77,9 +78,14 @@ def open_study(
     names = run_names(locations)
     from concurrent.futures import ThreadPoolExecutor
 
+    def open_run(loc: Location) -> xr.Dataset:
+        if chunks != "study":
+            return open_attention(loc, chunks=chunks)
+        spec, _ = read_spec(loc)  # dask chunks of many rows straight from the store: one task per chunk
+        return open_attention(loc, chunks={S.INFERENCE: _rows_per_chunk(spec)})
+
     with ThreadPoolExecutor(max_workers=min(8, len(locations))) as pool:  # metadata reads overlap (object stores)
-        datasets = list(pool.map(lambda loc: open_attention(loc, chunks={} if chunks == "study" else chunks),
-                                 locations))
+        datasets = list(pool.map(open_run, locations))
     opened = list(zip(names, locations, datasets))
     specs = {name: StoreSpec.from_dict(ds.attrs[SPEC_ATTR]) for name, _, ds in opened}
     spec, keep = reconcile(specs, common)
@@ -91,10 +97,6 @@ def open_study(
             ds = ds.sel({S.PREFIX_LAYER: list(keep[S.PREFIX_LAYER])})
         ds = ds.drop_vars([v for v in ds.data_vars if v not in wanted])
         inference, table = _split(ds, name)
-        if chunks == "study":
-            rows = _rows_per_chunk(inference)
-            inference = inference.assign({v: inference[v].chunk({S.INFERENCE: rows})
-                                          for v in inference.data_vars if S.INFERENCE in inference[v].dims})
         parts.append(inference)
         tables.append(table)
         runs[name] = {"source": loc.name, "status": ds.attrs.get(STATUS_ATTR), "run": ds.attrs.get(RUN_ATTR, {}),
@@ -123,9 +125,16 @@ def discover(sources: Source | Sequence[Source], storage_options: Mapping[str, A
         return [loc]
     if any(c in text for c in "*?["):
         return [locate(p, storage_options) for p in _glob(loc, text)]
-    pattern = text.rstrip("/") + "/**/*.zarr"
-    found = [locate(p, storage_options) for p in _glob(loc, pattern)]
-    return [f for f in found if _is_store(f)]
+    base = text.rstrip("/")
+    found: dict[str, Location] = {}
+    for depth in range(1, MAX_SEARCH_DEPTH + 1):  # shallow globs: never a walk through the stores' chunks
+        pattern = base + "/*" * (depth - 1) + "/*.zarr"
+        for p in _glob(loc, pattern):
+            if not any(p.startswith(f + "/") for f in found):
+                candidate = locate(p, storage_options)
+                if _is_store(candidate):
+                    found[p] = candidate
+    return [found[p] for p in sorted(found)]
 
 
 def run_names(locations: Sequence[Location]) -> list[str]:
@@ -241,8 +250,14 @@ def _episode_info(table: xr.Dataset, episodes: np.ndarray) -> dict[str, np.ndarr
     return {k: v.astype(str) for k, v in out.items()}
 
 
-def _rows_per_chunk(ds: xr.Dataset) -> int:
-    row = int(np.prod([ds.sizes[d] for d in ds[S.ATTENTION].dims if d != S.INFERENCE])) * 4
+def _rows_per_chunk(spec: StoreSpec) -> int:
+    """Inference rows per dask chunk: about ``STUDY_CHUNK_BYTES`` of float32 attention.
+
+    >>> from attnstore.schema import TokenLayout
+    >>> _rows_per_chunk(StoreSpec(layout=TokenLayout(("image",), (True,)), layers=(17,), denoise_steps=(9,)))
+    82
+    """
+    row = int(np.prod(spec.attention_shape_per_inference)) * 4
     return max(1, STUDY_CHUNK_BYTES // max(row, 1))
 
 
