@@ -1,15 +1,19 @@
 """Benchmark: select_action loop time with the AttentionRecorder vs without (tiny Pi0.5, CPU).
 
 Reproduce:
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py [--reps 8] [--inferences 3] [--batch-size 1] [--threads N]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py [--reps 8] [--inferences 3] [--batch-size 1[,10]] [--threads N]
 
 One process, one policy. Each repetition runs the same select_action loop (``--inferences`` model
 runs, ``n_action_steps`` calls each, the LIBERO rollout pattern) once per configuration, in rotating
 order so that machine noise hits all of them alike: no recorder, recorder on the last 2 expert
-layers, recorder on all layers. Recording writes to a real Zarr store in a temporary directory (uint16
-encoding, background writer thread). Reported: median seconds per model run end to end (writer
-encoding concurrently on the same cores), the same with the writer drained between runs (the
-recorder's own cost on the caller's thread), ratios to no recorder, and the writer thread's time.
+layers without and with the per-layer summaries of every layer, recorder on all layers. Recording
+writes to a real Zarr store in a temporary directory (portable uint16 encoding, background writer
+thread). Reported: median seconds per model run end to end (writer encoding concurrently on the same
+cores), the same with the writer drained between runs (the recorder's own cost on the caller's
+thread), ratios to no recorder, the writer thread's time per row and its throughput (GB/s of raw
+float32), the deepest its queue got, how long the loop waited for it, MB per row on disk, and peak
+host RSS (and on CUDA peak device memory) per configuration. ``--batch-size 1,10`` measures each B in
+turn (one table per B).
 
 Full size on a GPU (``--full-size``): a random-weight Pi0.5 at lerobot 0.6.1's PI05Config defaults
 (PaliGemma gemma_2b + expert gemma_300m, 18 layers each, SigLIP 224/14) with LIBERO's features, on
@@ -40,7 +44,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FULL_DEPTH = 18  # lerobot 0.6.1's gemma_2b / gemma_300m depth
-LAYER_CONFIGS = {"last-2": ("last-2 layers", "last:2"), "all": ("all layers", "all")}
+# --layers-only key -> [(display name, recorder layers, summaries of every layer)]
+LAYER_CONFIGS = {
+    "last-2": [("last-2 no summary", "last:2", False), ("last-2 layers", "last:2", True)],
+    "all": [("all layers", "all", True)],
+}
 
 
 def make_batch(batch_size: int, device: str = "cpu"):
@@ -137,26 +145,47 @@ def build_full_size_policy(device: str, dtype: str, *, depth: int | None = None,
         return PI05Policy(config).eval()
 
 
+def host_rss_gib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in GiB (Linux /proc; (0, 0) elsewhere).
+
+    >>> now, peak = host_rss_gib(); peak >= now >= 0
+    True
+    """
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0, 0.0
+
+
 def measure(policy, batch, configs: dict, reps: int, inferences: int, sync) -> dict:
     """Interleaved select_action loops per recorder configuration, into a real store per configuration.
 
     Returns per configuration: ``loop`` and ``caller`` (median seconds per model run, one per rep),
-    ``busy`` (writer seconds per row) and ``sizes`` (MB on disk per row).
+    ``busy`` (writer seconds per row), ``sizes`` (MB on disk per row), ``writer`` (GB/s of raw float32,
+    deepest queue, seconds the loop waited), ``memory`` (host RSS after its loops and, on CUDA, peak
+    device memory during them, GiB).
     """
     from attnstore.capture import AttentionRecorder
     from attnstore.store.writer import AttentionWriter, directory_bytes
 
     names = list(configs)
+    cuda = next(policy.parameters()).is_cuda
     # per rep and configuration: median seconds per model run (loop, caller)
     loop: dict[str, list[float]] = {name: [] for name in configs}
     caller: dict[str, list[float]] = {name: [] for name in configs}
     busy: dict[str, list[float]] = {name: [] for name in configs}
     sizes: dict[str, float] = {}
+    writer_stats: dict[str, dict[str, float]] = {}
+    memory: dict[str, dict[str, float]] = {name: {"host": 0.0, "device": 0.0} for name in configs}
     with tempfile.TemporaryDirectory(prefix="attnstore-bench-") as tmp:
         writers = {
             name: AttentionWriter(Path(tmp) / f"{name.replace(' ', '_')}.zarr") for name in names if configs[name]
         }
-        recorders = {name: AttentionRecorder(policy, w, layers=configs[name]) for name, w in writers.items()}
+        recorders = {
+            name: AttentionRecorder(policy, w, layers=configs[name][0], summary=configs[name][1])
+            for name, w in writers.items()
+        }
         for rec in recorders.values():  # the first inference creates the store: not timed
             with rec:
                 policy.reset()
@@ -167,15 +196,25 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync) -> d
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 rec = recorders.get(name)
+                if cuda:
+                    import torch
+
+                    torch.cuda.reset_peak_memory_stats()
                 with rec if rec is not None else contextlib.nullcontext():
                     loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync)))
                     w = writers.get(name)
                     caller[name].append(statistics.median(run_loop(policy, batch, inferences, writer=w, sync=sync)))
+                mem = memory[name]
+                mem["host"] = max(mem["host"], host_rss_gib()[0])
+                if cuda:
+                    mem["device"] = max(mem["device"], torch.cuda.max_memory_allocated() / 2**30)
         for name, w in writers.items():
             stats = w.close()
             busy[name].append(stats.busy_seconds / max(stats.rows, 1))
             sizes[name] = directory_bytes(w.path) / 1e6 / max(stats.rows, 1)
-    return {"loop": loop, "caller": caller, "busy": busy, "sizes": sizes}
+            writer_stats[name] = {"gb_s": stats.attention_mb_per_s / 1e3, "queue": stats.max_queue_depth,
+                                  "queue_size": stats.queue_size, "waited": stats.wait_seconds}
+    return {"loop": loop, "caller": caller, "busy": busy, "sizes": sizes, "writer": writer_stats, "memory": memory}
 
 
 def paired_ratio(times: dict[str, list[float]], name: str) -> float:
@@ -190,6 +229,8 @@ def paired_ratio(times: dict[str, list[float]], name: str) -> float:
 def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
     """The table: per configuration median loop and caller time per model run, ratios, writer cost, size."""
     loop, caller, busy, sizes = result["loop"], result["caller"], result["busy"], result["sizes"]
+    writer, memory = result.get("writer", {}), result.get("memory", {})
+    device = any(m.get("device") for m in memory.values())
     digits = 4 if scale == 1 else 1
     heads = (
         "configuration",
@@ -198,28 +239,41 @@ def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
         f"caller {unit}/run",
         "ratio",
         f"writer {unit}/row",
+        "writer GB/s",
+        "queue",
+        "waited s",
         "MB/row",
+        "host GiB",
+        *(("device GiB",) if device else ()),
     )
     # widths of the seconds table, widened where a header would touch its neighbour
-    widths = [max(w, len(h) + 1) for w, h in zip((15, 11, 7, 13, 7, 13, 8), heads)]
+    widths = [max(w, len(h) + 1) for w, h in zip((19, 11, 7, 13, 7, 13, 12, 7, 9, 8, 9, 11), heads)]
     print(f"{heads[0]:<{widths[0]}}" + "".join(f"{h:>{w}}" for h, w in zip(heads[1:], widths[1:])))
     for name in configs:
         lm, cm = statistics.median(loop[name]) * scale, statistics.median(caller[name]) * scale
         wb = f"{statistics.median(busy[name]) * scale:.{digits}f}" if busy[name] else "-"
         size = f"{sizes[name]:.2f}" if name in sizes else "-"
+        ws = writer.get(name)
+        mem = memory.get(name, {})
         cells = (
             f"{lm:.{digits}f}",
             f"{paired_ratio(loop, name):.3f}",
             f"{cm:.{digits}f}",
             f"{paired_ratio(caller, name):.3f}",
             wb,
+            f"{ws['gb_s']:.2f}" if ws else "-",
+            f"{ws['queue']}/{ws['queue_size']}" if ws else "-",
+            f"{ws['waited']:.1f}" if ws else "-",
             size,
+            f"{mem.get('host', 0):.1f}",
+            *((f"{mem.get('device', 0):.1f}",) if device else ()),
         )
         print(f"{name:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths[1:])))
     print(
         "loop: end to end, writer thread encoding concurrently; caller: writer drained between runs "
         "(the recorder's own cost); ratio: median over reps of the ratio to 'off' in the same rep; "
-        "writer: its thread's encode+write time per stored row"
+        "writer: its thread's encode+write time per stored row and GB/s of raw float32; queue: deepest / size; "
+        "waited: seconds the loop was blocked on a full queue; host: RSS after the loops; device: peak allocated"
     )
 
 
@@ -227,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=8, help="repetitions of each configuration (default 8)")
     parser.add_argument("--inferences", type=int, default=3, help="model runs per loop (default 3)")
-    parser.add_argument("--batch-size", type=int, default=1, help="envs per batch (default 1)")
+    parser.add_argument("--batch-size", type=_batch_sizes, default=(1,),
+                        help="envs per batch, or several comma-separated (1,10: one table each; default 1)")
     parser.add_argument(
         "--depth",
         type=int,
@@ -260,10 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    for name in ("reps", "inferences", "batch_size", "depth"):
+    for name in ("reps", "inferences", "depth"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(b < 1 for b in args.batch_size):
+        parser.error(f"--batch-size must be >= 1, got {','.join(map(str, args.batch_size))}")
     if args.compile and (args.full_size or args.device != "cpu" or args.dtype or args.layers_only):
         parser.error("--compile checks the tiny model on CPU only; drop --full-size/--device/--dtype/--layers-only")
     if args.full_size and args.depth is not None and args.depth > FULL_DEPTH:
@@ -291,30 +348,44 @@ def main(argv: list[str] | None = None) -> int:
     config.device, config.dtype = args.device, args.dtype or "float32"
     policy = build_tiny_policy(config, seed=0, dims=dims)
     sync = device_sync(args.device)
-    batch = make_batch(args.batch_size, args.device)
-    run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
-
     configs = recorder_configs(args.layers_only)
-    result = measure(policy, batch, configs, args.reps, args.inferences, sync)
     where = "CPU" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})"
-    print(
-        f"tiny Pi0.5 ({depth} layers) on {where} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores), "
-        f"B={args.batch_size}, {args.reps} reps x {args.inferences} model runs x "
-        f"{policy.config.n_action_steps} select_action calls, configurations interleaved"
-    )
-    print_table(result, configs, scale=1, unit="s")
+    for b in args.batch_size:
+        batch = make_batch(b, args.device)
+        run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
+        result = measure(policy, batch, configs, args.reps, args.inferences, sync)
+        print(
+            f"tiny Pi0.5 ({depth} layers) on {where} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores), "
+            f"B={b}, {args.reps} reps x {args.inferences} model runs x "
+            f"{policy.config.n_action_steps} select_action calls, configurations interleaved"
+        )
+        print_table(result, configs, scale=1, unit="s")
     print("command: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py " + " ".join(sys.argv[1:]))
     return 0
 
 
-def recorder_configs(only: str | None) -> dict[str, str | None]:
-    """Display name -> recorder ``layers`` selection (None: no recorder), 'off' first.
+def recorder_configs(only: str | None) -> dict[str, tuple[str, bool] | None]:
+    """Display name -> (recorder ``layers`` selection, summaries on) (None: no recorder), 'off' first.
 
     >>> recorder_configs("all")
-    {'off': None, 'all layers': 'all'}
+    {'off': None, 'all layers': ('all', True)}
+    >>> list(recorder_configs(None))
+    ['off', 'last-2 no summary', 'last-2 layers', 'all layers']
     """
     chosen = [only] if only else list(LAYER_CONFIGS)
-    return {"off": None, **{LAYER_CONFIGS[k][0]: LAYER_CONFIGS[k][1] for k in chosen}}
+    return {"off": None, **{name: (layers, summary) for k in chosen for name, layers, summary in LAYER_CONFIGS[k]}}
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch-size``: one int or several comma-separated.
+
+    >>> _batch_sizes("1,10"), _batch_sizes("2")
+    ((1, 10), (2,))
+    """
+    try:
+        return tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ints like 1 or 1,10, got {text!r}") from None
 
 
 def bench_full_size(args) -> int:
@@ -329,34 +400,29 @@ def bench_full_size(args) -> int:
     params = sum(p.numel() for p in policy.parameters())
     depth = len(policy.model.paligemma_with_expert.gemma_expert.model.layers)
     sync = device_sync(args.device)
-    batch = make_batch(args.batch_size, args.device)
-    started = time.perf_counter()
-    run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
-    warmup_s = time.perf_counter() - started
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(args.device)
-
     configs = recorder_configs(args.layers_only)
-    started = time.perf_counter()
-    result = measure(policy, batch, configs, args.reps, args.inferences, sync)
-    measure_s = time.perf_counter() - started
-
     if cuda:
         name = torch.cuda.get_device_name(args.device)
         where = f"{name} ({args.device}, torch {torch.__version__}, CUDA {torch.version.cuda})"
     else:
         where = f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__})"
-    print(
-        f"full-size Pi0.5 ({depth} layers{'' if depth == FULL_DEPTH else ', REDUCED: smoke run'}, "
-        f"{params / 1e9:.2f} B parameters, {dtype}, random weights) on {where}, B={args.batch_size}, "
-        f"{args.reps} reps x {args.inferences} model runs x {policy.config.n_action_steps} select_action calls, "
-        "configurations interleaved"
-    )
-    print_table(result, configs, scale=1000, unit="ms")
-    notes = f"build {build_s:.1f} s, warm-up (2 model runs) {warmup_s:.1f} s, measurement {measure_s:.1f} s"
-    if cuda:
-        notes += f", peak GPU memory while measuring {torch.cuda.max_memory_allocated(args.device) / 2**30:.1f} GiB"
-    print(notes)
+    for b in args.batch_size:
+        batch = make_batch(b, args.device)
+        started = time.perf_counter()
+        run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
+        warmup_s = time.perf_counter() - started
+        started = time.perf_counter()
+        result = measure(policy, batch, configs, args.reps, args.inferences, sync)
+        measure_s = time.perf_counter() - started
+        print(
+            f"full-size Pi0.5 ({depth} layers{'' if depth == FULL_DEPTH else ', REDUCED: smoke run'}, "
+            f"{params / 1e9:.2f} B parameters, {dtype}, random weights) on {where}, B={b}, "
+            f"{args.reps} reps x {args.inferences} model runs x {policy.config.n_action_steps} select_action calls, "
+            "configurations interleaved"
+        )
+        print_table(result, configs, scale=1000, unit="ms")
+        print(f"build {build_s:.1f} s, warm-up (2 model runs) {warmup_s:.1f} s, measurement {measure_s:.1f} s, "
+              f"host peak RSS {host_rss_gib()[1]:.1f} GiB", flush=True)
     print("command: " + reproduce_command(sys.argv))
     return 0
 
@@ -391,7 +457,7 @@ def check_compiled(args) -> int:
     config.compile_model, config.compile_mode = True, "default"
     compiled = build_tiny_policy(config, seed=0, dims=dims)
     eager = build_tiny_policy(tiny_config(dims=dims), seed=0, dims=dims)
-    batch = make_batch(args.batch_size)
+    batch = make_batch(args.batch_size[0])
     rows = []
     with tempfile.TemporaryDirectory(prefix="attnstore-bench-") as tmp:
         with AttentionWriter(Path(tmp) / "a.zarr") as writer, AttentionRecorder(compiled, writer, layers="all") as rec:
@@ -410,7 +476,7 @@ def check_compiled(args) -> int:
         start = time.perf_counter()
         compiled.predict_action_chunk(batch)
         plain.append(time.perf_counter() - start)
-    print(f"compile_model=True (mode default), tiny Pi0.5, CPU, B={args.batch_size}, recorder on all layers")
+    print(f"compile_model=True (mode default), tiny Pi0.5, CPU, B={args.batch_size[0]}, recorder on all layers")
     print(f"{'call':>4}{'seconds':>10}{'max |action - eager|':>22}")
     for i, seconds, diff in rows:
         print(f"{i:>4}{seconds:>10.2f}{diff:>22.2e}")

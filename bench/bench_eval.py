@@ -9,6 +9,13 @@ workflow stored it) and compares sizes per episode.
 
 Reproduce (about 5 min on 2 CPU cores):
     .venv/bin/python bench/bench_eval.py --repeats 2 --steps 40
+    .venv/bin/python bench/bench_eval.py --repeats 2 --batch-size 2 --episodes 2 --layers all \
+        --baseline-src /tmp/attnstore-before/src      # + capture with an earlier attnstore tree, interleaved
+
+``--layers`` is ``--attention.layers`` (the tiny policy has 2 layers: ``all`` = both); ``--batch-size`` is
+lerobot's ``--eval.batch_size`` (``--episodes`` per task, a multiple of it). ``--baseline-src DIR`` adds a
+third variant, capture on with the attnstore package at ``DIR`` (e.g. ``git archive <commit> src | tar -x``
+into a temporary folder), so the previous code and the current one are measured in the same run.
 """
 
 from __future__ import annotations
@@ -43,28 +50,32 @@ lerobot_eval.main()
 """
 
 
-def eval_args(policy: Path, out: Path, steps: int, episodes: int, seed: int) -> list[str]:
+def eval_args(policy: Path, out: Path, steps: int, episodes: int, seed: int, batch_size: int = 1) -> list[str]:
     return [
         f"--policy.path={policy}",
         "--env.type=libero",
         "--env.task=libero_object",
         "--env.task_ids=[0]",
         f"--eval.n_episodes={episodes}",
-        "--eval.batch_size=1",
+        f"--eval.batch_size={batch_size}",
         f"--env.episode_length={steps}",
         f"--seed={seed}",
         f"--output_dir={out}",
     ]
 
 
-def run_once(capture: bool, policy: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    common = eval_args(policy, out, args.steps, args.episodes, args.seed)
+def run_once(capture: bool, policy: Path, out: Path, args: argparse.Namespace, src: Path | None = None) -> dict[str, float]:
+    common = eval_args(policy, out, args.steps, args.episodes, args.seed, args.batch_size)
     if capture:
-        cmd = [sys.executable, "-c", "import sys; from attnstore.cli import main; sys.exit(main())", "eval", *common]
+        cmd = [sys.executable, "-c", "import sys; from attnstore.cli import main; sys.exit(main())", "eval", *common,
+               f"--attention.layers={args.layers}"]
     else:
         cmd = [sys.executable, "-c", PLAIN_LEROBOT_EVAL, str(policy), *common]
+    env = dict(os.environ)
+    if src is not None:  # an earlier attnstore tree first on the path (the installed package is editable)
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"bench_eval: {'attnstore eval' if capture else 'lerobot-eval'} failed:\n{proc.stderr[-3000:]}")
@@ -82,6 +93,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=280, help="env steps per episode (--env.episode_length; 280 = a full libero_object episode)")
     parser.add_argument("--episodes", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1, help="--eval.batch_size (default 1)")
+    parser.add_argument("--layers", default="last:2", help="--attention.layers (default last:2)")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="an earlier attnstore src/ tree: adds 'capture on (baseline)' to the rotation")
     parser.add_argument("--policy", type=Path, default=None, help="tiny checkpoint (default: build one in a temp dir)")
     args = parser.parse_args()
 
@@ -91,26 +106,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp_path = Path(tmp)
         policy = args.policy or make_tiny_policy(tmp_path / "tiny_pi05")
-        results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        variants = ["off", "on"] + (["baseline"] if args.baseline_src else [])
+        results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         last_store = None
         for i in range(args.repeats):
-            for capture in (False, True):
-                out = tmp_path / f"{'on' if capture else 'off'}_{i}"
-                results[capture].append(run_once(capture, policy, out, args))
-                if capture:
+            for v in variants[i % len(variants):] + variants[: i % len(variants)]:
+                out = tmp_path / f"{v}_{i}"
+                src = args.baseline_src if v == "baseline" else None
+                results[v].append(run_once(v != "off", policy, out, args, src))
+                if v == "on":
                     last_store = out / "attention.zarr"
-                print(f"  run {i} capture={'on ' if capture else 'off'}: {results[capture][-1]}", flush=True)
+                print(f"  run {i} capture {v}: {results[v][-1]}", flush=True)
 
-        def median(capture: bool, key: str) -> float:
-            return statistics.median(r[key] for r in results[capture])
+        def median(v: str, key: str) -> float:
+            return statistics.median(r[key] for r in results[v])
+
+        def ratio(v: str, key: str) -> float:  # paired: each repeat against its own 'off'
+            return statistics.median(r[key] / o[key] for r, o in zip(results[v], results["off"]))
 
         print()
-        print(f"LIBERO libero_object task 0, tiny Pi0.5, B=1, {args.episodes} episode(s) x {args.steps} env steps, "
-              f"seed {args.seed}; medians of {args.repeats} interleaved runs")
-        print(f"{'metric':<34}{'capture off':>14}{'capture on':>14}{'ratio':>9}")
+        print(f"LIBERO libero_object task 0, tiny Pi0.5, B={args.batch_size}, {args.episodes} episode(s) x "
+              f"{args.steps} env steps, --attention.layers={args.layers}, seed {args.seed}; medians of "
+              f"{args.repeats} interleaved runs, ratios paired per repeat")
+        labels = {"off": "capture off", "on": "capture on", "baseline": "on (baseline)"}
+        print(f"{'metric':<34}" + "".join(f"{labels[v]:>15}" for v in variants)
+              + "".join(f"{'ratio ' + v:>16}" for v in variants[1:]))
         for key, label in (("eval_s", "lerobot eval loop (eval_s) [s]"), ("wall_s", "process wall time [s]")):
-            off, on = median(False, key), median(True, key)
-            print(f"{label:<34}{off:>14.1f}{on:>14.1f}{on / off:>9.2f}x")
+            print(f"{label:<34}" + "".join(f"{median(v, key):>15.1f}" for v in variants)
+                  + "".join(f"{ratio(v, key):>15.2f}x" for v in variants[1:]))
 
         from attnstore.store.open import open_attention
         from attnstore.legacy.export_pt import export_pt
@@ -120,9 +143,11 @@ def main() -> None:
         n_inferences = ds.sizes["inference"]
         store_bytes = dir_bytes(last_store)
         attention_bytes = dir_bytes(last_store / "attention")
+        summary_bytes = sum(dir_bytes(d) for d in last_store.glob("summary_*") if d.is_dir())
         rows = [
             ("attnstore store, all variables", store_bytes),
             ("attnstore store, attention array only", attention_bytes),
+            ("attnstore store, per-layer summaries only", summary_bytes),
         ]
         for dtype in ("float32", "bfloat16"):
             for every in (False, True):
@@ -131,14 +156,19 @@ def main() -> None:
                 label = f"legacy .pt {dtype}, {'per env step' if every else 'per inference'}"
                 rows.append((label, sum(f.stat().st_size for f in files)))
         print()
-        print(f"bytes per episode ({n_inferences // n_episodes} inferences, 10 denoise x 2 layers x 8 heads x 50 x 1018)")
+        layers = ds.sizes["layer"]
+        print(f"bytes per episode ({n_inferences // n_episodes} inferences, 10 denoise x {layers} layers x 8 heads x 50 x 1018; "
+              f"summaries: {ds.sizes.get('summary_layer', 0)} layers, {100 * summary_bytes / max(store_bytes - summary_bytes, 1):.1f}% "
+              f"of the rest of the store)")
         print(f"{'format':<44}{'MB / episode':>14}{'vs store':>10}")
         for label, size in rows:
             per_episode = size / n_episodes
             print(f"{label:<44}{per_episode / 1e6:>14.2f}{size / store_bytes:>9.2f}x")
         print()
         print("reproduce: .venv/bin/python bench/bench_eval.py "
-              f"--repeats {args.repeats} --steps {args.steps} --episodes {args.episodes} --seed {args.seed}")
+              f"--repeats {args.repeats} --steps {args.steps} --episodes {args.episodes} --seed {args.seed} "
+              f"--batch-size {args.batch_size} --layers {args.layers}"
+              + (f" --baseline-src {args.baseline_src}" if args.baseline_src else ""))
 
 
 if __name__ == "__main__":

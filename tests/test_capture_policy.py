@@ -128,7 +128,7 @@ def test_one_checkpoint_module_checks_types_and_resolves(cached_tiny):
     for ok in (policy, policy.config, PreTrainedConfig.from_pretrained(path), {"type": "pi05"}, "pi05"):
         require_pi05(ok)
     for bad in (torch.nn.Linear(2, 2), {"type": "act"}, "act", None):
-        with pytest.raises(CaptureError, match=r"records lerobot's Pi0.5 policies only \(supported types: pi05\)$"):
+        with pytest.raises(CaptureError, match=r"records lerobot's Pi0.5, Pi0 and SmolVLA policies only \(supported types: pi05, pi0, smolvla\)$"):
             require_pi05(bad)
     ckpt = resolve(path)
     assert (ckpt.local, ckpt.tiny, ckpt.source) == (True, True, str(path.resolve()))

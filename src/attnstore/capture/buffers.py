@@ -2,6 +2,11 @@
 
 On CUDA the buffers are pinned and the copies non-blocking; the batch then carries a callback that the
 writer thread runs (``ready_after``) to wait for them. On CPU the copies are plain.
+
+On the device path (CUDA) the attention is quantised on the device before its one copy to the host
+(:func:`quantise_on_device`: the writer's round(p * 65535), bit for bit): half the bytes over PCIe and no
+cast on the writer thread. The host buffer then holds the uint16 bits as int16 (a cast every device
+supports) and is handed over as a uint16 view.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from attnstore.schema import StoreSpec
 class HostBuffers:
     """The host tensors of one inference (reused once the writer has written them)."""
 
-    attention: Any  # (B, D, L, H, Q, K) float32 host tensor
+    attention: Any  # (B, D, L, H, Q, K) float32 host tensor (int16 bits of uint16 on the device path)
     prefix: Any  # (B, PL, H, P, P) float32 host tensor or None
     seq: int  # number of the append this buffer was last taken for
 
@@ -37,11 +42,14 @@ class BufferRing:
         self._buffers: list[HostBuffers] = []
 
     def take(self, shape: tuple[int, ...], prefix_shape: tuple[int, ...] | None, device, appended: int,
-             pending: int | None) -> HostBuffers:
-        """Buffers for the ``appended``-th batch; ``pending`` = batches the writer has not finished."""
+             pending: int | None, dtype: Any = None) -> HostBuffers:
+        """Buffers for the ``appended``-th batch; ``pending`` = batches the writer has not finished.
+        ``dtype``: of the attention buffer (default float32; int16 for device-quantised attention)."""
         import torch
 
-        if self._buffers and tuple(self._buffers[0].attention.shape) != shape:
+        dtype = torch.float32 if dtype is None else dtype
+        first = self._buffers[0].attention if self._buffers else None
+        if first is not None and (tuple(first.shape) != shape or first.dtype != dtype):
             self._buffers = []
         busy_from = appended - (len(self._buffers) if pending is None else int(pending))
         for buffers in self._buffers:
@@ -51,7 +59,7 @@ class BufferRing:
                 return buffers
         pin = device.type == "cuda"
         buffers = HostBuffers(
-            attention=torch.zeros(shape, dtype=torch.float32, pin_memory=pin),
+            attention=torch.zeros(shape, dtype=dtype, pin_memory=pin),
             prefix=torch.zeros(prefix_shape, dtype=torch.float32, pin_memory=pin) if prefix_shape else None,
             seq=appended,
         )
@@ -62,16 +70,53 @@ class BufferRing:
         return len(self._buffers)
 
 
-def ready_after(event, host_times, spec: StoreSpec) -> Callable[[], None]:
-    """Writer-thread callback: wait for the CUDA copies, then check the denoise times."""
+def ready_after(event, host_times, spec: StoreSpec, nonfinite=None, where=None) -> Callable[[], None]:
+    """Writer-thread callback: wait for the CUDA copies, then check the denoise times and, for attention
+    quantised on the device, its per-row non-finite flags (``where``: (episodes, env step) of the rows)."""
 
     def ready() -> None:
         event.synchronize()
         got = host_times.numpy().astype(np.float64)
         if got.shape != (len(spec.times),) or not np.allclose(got, spec.times, atol=1e-5):
             raise CaptureError(f"denoise times {got.tolist()} differ from the store's {list(spec.times)}")
+        if nonfinite is not None:
+            check_finite_flags(nonfinite, *where)
 
     return ready
+
+
+def quantise_on_device(x):
+    """(int16 bits of uint16 round(p * 65535), per-row non-finite flags) of attention ``x`` (B, ...), on
+    its device. The same float32 operations as :func:`attnstore.schema.encoding.quantise` (multiply,
+    add 0.5, clip, truncate), so the integers are bit-identical to the writer's.
+
+    >>> import torch
+    >>> bits, bad = quantise_on_device(torch.tensor([[0.0, 0.5, 1.0, 1.0000001, -1e-9]]))
+    >>> bits.view(torch.uint16).tolist(), bad.tolist()
+    ([[0, 32768, 65535, 65535, 0]], [False])
+    """
+    import torch
+
+    from attnstore.schema.encoding import UINT16_SCALE
+
+    scaled = x.float() * float(UINT16_SCALE)  # a new tensor: x (the staging buffer) is left as it is
+    bad = ~torch.isfinite(scaled.reshape(scaled.shape[0], -1)).all(dim=1)
+    scaled.add_(0.5).clamp_(0.0, float(UINT16_SCALE))
+    return scaled.to(torch.int32).to(torch.int16), bad  # int32 -> int16 keeps the low 16 bits
+
+
+def check_finite_flags(nonfinite, episodes, env_step) -> None:
+    """Raise the writer's one-line error for the first row flagged by :func:`quantise_on_device`."""
+    from attnstore.errors import SchemaError
+
+    flags = np.asarray(nonfinite.numpy() if hasattr(nonfinite, "numpy") else nonfinite, dtype=bool).reshape(-1)
+    if flags.any():
+        i = int(np.flatnonzero(flags)[0])
+        raise SchemaError(
+            f"attention of the inference at env step {env_step} of episode {int(episodes[i])} has non-finite "
+            f"values (NaN/inf), which the uint16 encoding cannot store: run the policy in float32/bfloat16 "
+            f"instead of float16, or capture with encoding float32 to keep them"
+        )
 
 
 def to_host(tensor, cuda: bool):

@@ -1,4 +1,4 @@
-"""One place for checkpoint handling: from what a user names to a verified Pi0.5 checkpoint.
+"""One place for checkpoint handling: from what a user names to a verified Pi0.5, Pi0 or SmolVLA checkpoint.
 
 Both :func:`attnstore.capture.policy.load_policy` and ``attnstore eval``
 (:mod:`attnstore.evaluation.runner`, around lerobot's own ``make_policy``) go through here:
@@ -6,8 +6,9 @@ Both :func:`attnstore.capture.policy.load_policy` and ``attnstore eval``
 * :func:`resolve`: ``"tiny"`` (the cached tiny model, built on first use), a local directory (checked
   for the files of a lerobot checkpoint and its policy type) or a hub id (handed to lerobot as is;
   hub and offline settings are the user's) -> a :class:`Checkpoint`;
-* :func:`require_pi05`: the one policy-type check, for a policy, a config, a ``config.json`` dict or
-  a type name, with a one-line error listing the supported types;
+* :func:`require_supported` (alias ``require_pi05``): the one policy-type check, for a policy, a config, a
+  ``config.json`` dict or a type name, with a one-line error listing the supported types
+  (:data:`attnstore.capture.policies.SUPPORTED_TYPES`);
 * :class:`Checkpoint`: whether it is tiny, the patches that rebuild a tiny model tiny, the
   tokenizer override of a tiny checkpoint, its config, its model depths and
 * :func:`check_weights_loaded`: lerobot's ``from_pretrained`` only warns when a checkpoint does not fit
@@ -25,32 +26,33 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnstore.capture import tiny
+from attnstore.capture.policies import SUPPORTED_TYPES, adapter_class, policy_type_of, supported_labels
 from attnstore.capture.tokenizer import repoint_saved_tokenizer, tokenizer_override
 from attnstore.errors import CaptureError
 
 TINY = "tiny"
 CACHE_ENV = "ATTNSTORE_CACHE"
-SUPPORTED_TYPES = ("pi05",)  # lerobot policy types attnstore can capture
 REQUIRED_FILES = ("config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json")
 
 
 # ---- the policy type ----------------------------------------------------------------------------
-def require_pi05(policy_or_config: Any, *, what: str = "the policy") -> None:
-    """Fail in one line unless ``policy_or_config`` is a Pi0.5 policy, its config or its type.
+def require_supported(policy_or_config: Any, *, what: str = "the policy") -> None:
+    """Fail in one line unless ``policy_or_config`` is a supported policy (Pi0.5, Pi0, SmolVLA), its
+    config or its type.
 
-    Takes a policy (must be lerobot's ``PI05Policy``), a lerobot config (its ``type``), a
-    ``config.json`` dict or a type name; ``what`` names it in the message.
+    Takes a policy (must be lerobot's ``PI05Policy``, ``PI0Policy`` or ``SmolVLAPolicy``), a lerobot
+    config (its ``type``), a ``config.json`` dict or a type name; ``what`` names it in the message.
 
-    >>> require_pi05("pi05"), require_pi05({"type": "pi05"})
-    (None, None)
-    >>> require_pi05({"type": "act"}, what="ckpt/act")
+    >>> require_supported("pi05"), require_supported({"type": "pi0"}), require_supported("smolvla")
+    (None, None, None)
+    >>> require_supported({"type": "act"}, what="ckpt/act")
     Traceback (most recent call last):
     ...
-    attnstore.errors.CaptureError: ckpt/act is a 'act' policy; attnstore records lerobot's Pi0.5 policies only (supported types: pi05)
-    >>> require_pi05(3.5, what="AttentionRecorder's policy")
+    attnstore.errors.CaptureError: ckpt/act is a 'act' policy; attnstore records lerobot's Pi0.5, Pi0 and SmolVLA policies only (supported types: pi05, pi0, smolvla)
+    >>> require_supported(3.5, what="AttentionRecorder's policy")
     Traceback (most recent call last):
     ...
-    attnstore.errors.CaptureError: AttentionRecorder's policy is a float, not a lerobot policy; attnstore records lerobot's Pi0.5 policies only (supported types: pi05)
+    attnstore.errors.CaptureError: AttentionRecorder's policy is a float, not a lerobot policy; attnstore records lerobot's Pi0.5, Pi0 and SmolVLA policies only (supported types: pi05, pi0, smolvla)
     """
     obj = policy_or_config
     if isinstance(obj, str):
@@ -61,10 +63,10 @@ def require_pi05(policy_or_config: Any, *, what: str = "the policy") -> None:
         _refuse(what, "not a policy (none was configured)")
     elif callable(getattr(obj, "select_action", None)) and hasattr(obj, "config"):  # a policy
         try:
-            from lerobot.policies.pi05.modeling_pi05 import PI05Policy
+            import lerobot.policies  # noqa: F401
         except ImportError as exc:  # pragma: no cover - the capture extra is missing
             raise CaptureError(f"capturing needs lerobot[pi]==0.6.1 ({exc}); run 'make setup'") from exc
-        if isinstance(obj, PI05Policy):
+        if policy_type_of(obj) is not None:
             return
         kind = getattr(obj.config, "type", None) or getattr(obj, "name", None) or type(obj).__name__
         _refuse(what, f"a '{kind}' policy ({type(obj).__name__})")
@@ -76,10 +78,14 @@ def require_pi05(policy_or_config: Any, *, what: str = "the policy") -> None:
         _refuse(what, f"a '{kind}' policy")
 
 
+require_pi05 = require_supported  # the name before Pi0 and SmolVLA were supported
+
+
 def _refuse(what: str, desc: str) -> NoReturn:
     supported = ", ".join(SUPPORTED_TYPES)
     raise CaptureError(
-        f"{what} is {desc}; attnstore records lerobot's Pi0.5 policies only (supported types: {supported})"
+        f"{what} is {desc}; attnstore records lerobot's {supported_labels()} policies only "
+        f"(supported types: {supported})"
     )
 
 
@@ -99,7 +105,7 @@ class Checkpoint:
         return Path(self.source) if self.local else None
 
     def model_patches(self) -> contextlib.AbstractContextManager[Any]:
-        """While open, lerobot's own Pi0.5 building code builds this checkpoint's model (tiny: tiny)."""
+        """While open, lerobot's own building code builds this checkpoint's model (tiny: tiny)."""
         return tiny.tiny_model_patches(self.source) if self.tiny else contextlib.nullcontext()
 
     def hub_context(self) -> contextlib.AbstractContextManager[Any]:
@@ -116,15 +122,15 @@ class Checkpoint:
         """
         out = dict(overrides or {})
         if self.tiny:
-            out.update(tokenizer_override(Path(self.source) / tiny.TOKENIZER_DIRNAME))
+            out.update(tokenizer_override(tiny.tokenizer_dir(self.source)))
         return out
 
     def read_config(self, device: str | None = None):
-        """lerobot's ``PreTrainedConfig`` of the checkpoint, checked to be Pi0.5, ready to build from."""
+        """lerobot's ``PreTrainedConfig`` of the checkpoint, checked to be supported, ready to build from."""
         from lerobot.configs import PreTrainedConfig
 
         config = PreTrainedConfig.from_pretrained(self.source)
-        require_pi05(config, what=self.name or self.source)
+        require_supported(config, what=self.name or self.source)
         if device is not None:
             config.device = device
         config.pretrained_path = Path(self.source) if self.local else self.source
@@ -133,11 +139,14 @@ class Checkpoint:
     def depths(self, config: Any) -> tuple[int, int]:
         """(action-expert depth, VLM depth) of the model ``config`` (this checkpoint's) describes."""
         if self.tiny:
-            depth = tiny.read_tiny_dims(self.source).depth
-            return depth, depth
-        from lerobot.policies.pi05.modeling_pi05 import get_gemma_config
+            return tiny.tiny_depths(self.source)
+        require_supported(config, what=self.name or self.source)
+        return adapter_class(config.type).config_depths(config)
 
-        return get_gemma_config(config.action_expert_variant).depth, get_gemma_config(config.paligemma_variant).depth
+    def num_denoise_steps(self, config: Any) -> int:
+        """Denoise steps per model run of ``config`` (Pi0.5/Pi0 ``num_inference_steps``, SmolVLA ``num_steps``)."""
+        require_supported(config, what=self.name or self.source)
+        return adapter_class(config.type).config_denoise_steps(config)
 
     def check_weights(self, policy: Any) -> None:
         """:func:`check_weights_loaded` against this checkpoint."""
@@ -155,7 +164,7 @@ def resolve(path_or_id: str | os.PathLike[str]) -> Checkpoint:
     >>> resolve("/no/such/checkpoint")
     Traceback (most recent call last):
     ...
-    attnstore.errors.CaptureError: policy path /no/such/checkpoint does not exist; pass a Pi0.5 checkpoint directory, a hub id or 'tiny'
+    attnstore.errors.CaptureError: policy path /no/such/checkpoint does not exist; pass a policy checkpoint directory, a hub id or 'tiny'
     """
     text = str(path_or_id)
     if text == TINY:
@@ -166,15 +175,16 @@ def resolve(path_or_id: str | os.PathLike[str]) -> Checkpoint:
     if not looks_local:
         return Checkpoint(text, local=False, tiny=False, name=text)
     if not path.is_dir():
-        raise CaptureError(f"policy path {text} does not exist; pass a Pi0.5 checkpoint directory, a hub id or 'tiny'")
+        raise CaptureError(f"policy path {text} does not exist; pass a policy checkpoint directory, a hub id or 'tiny'")
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise CaptureError(f"{text} is not a lerobot policy checkpoint (missing {', '.join(missing)})")
+    check_safetensors(path / "model.safetensors")
     try:
         config = json.loads((path / "config.json").read_text())
     except ValueError as exc:
         raise CaptureError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
-    require_pi05(config if isinstance(config, Mapping) else {}, what=text)
+    require_supported(config if isinstance(config, Mapping) else {}, what=text)
     source = path.resolve()
     return Checkpoint(str(source), local=True, tiny=tiny.is_tiny_checkpoint(source), name=text)
 
@@ -245,7 +255,8 @@ def check_weights_loaded(policy, checkpoint: str | os.PathLike[str]) -> None:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # lerobot's key fixer warns about keys it keeps unchanged
     try:
-        fixed = policy._fix_pytorch_state_dict_keys(stored, policy.config)
+        fix = getattr(policy, "_fix_pytorch_state_dict_keys", None)  # Pi0.5 / Pi0 remap old key names
+        fixed = fix(stored, policy.config) if fix is not None else stored
     finally:
         logging.disable(previous)
     stored_shapes = {(k if k.startswith("model.") else f"model.{k}"): tuple(v.shape) for k, v in fixed.items()}
@@ -287,10 +298,58 @@ def _resolve_safetensors(checkpoint: str | os.PathLike[str]) -> Path:
         file = path / "model.safetensors"
         if not file.is_file():
             raise CaptureError(f"{path} has no model.safetensors; is it a lerobot policy checkpoint?")
-        return file
+        return check_safetensors(file)
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(str(checkpoint), "model.safetensors"))
+        file = Path(hf_hub_download(str(checkpoint), "model.safetensors"))
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one line
         raise CaptureError(f"cannot find model.safetensors for {checkpoint}: {type(exc).__name__}") from exc
+    return check_safetensors(file)
+
+
+def check_safetensors(file: Path) -> Path:
+    """``file``, or a one-line error naming it when it is not a whole safetensors file (truncated copy,
+    interrupted download): its header and the end of its last tensor are checked against the file's
+    size, without reading any weights. lerobot would otherwise fail deep in ``from_pretrained`` with a
+    ``SafetensorError`` traceback, after the simulation was built.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     bad = Path(tmp) / "model.safetensors"
+    ...     _ = bad.write_bytes((100).to_bytes(8, "little") + b'{"w": {')
+    ...     check_safetensors(bad)
+    Traceback (most recent call last):
+    ...
+    attnstore.errors.CaptureError: .../model.safetensors is truncated or damaged (its header needs 108 bytes, the file has 15): copy or download the checkpoint again
+    """
+    fix = "copy or download the checkpoint again"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CaptureError(f"{file} is truncated or damaged (only {size} bytes): {fix}")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CaptureError(
+                    f"{file} is truncated or damaged (its header needs {n + 8} bytes, the file has {size}): {fix}"
+                )
+            header = json.loads(handle.read(n))
+    except OSError as exc:
+        raise CaptureError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CaptureError(f"{file} is truncated or damaged (its header is not valid JSON): {fix}") from exc
+    if not isinstance(header, dict):
+        raise CaptureError(f"{file} is truncated or damaged (its header is not a table of tensors): {fix}")
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CaptureError(f"{file} is truncated or damaged (its header is not a table of tensors): {fix}") from exc
+    if 8 + n + end > size:
+        raise CaptureError(
+            f"{file} is truncated or damaged (its tensors need {8 + n + end} bytes, the file has {size}): {fix}"
+        )
+    return file

@@ -1,9 +1,11 @@
-"""The key axis's token layout, key validity and policy images, taken from the policy's own inputs.
+"""Policy-neutral helpers for the key axis: camera slots, key validity, policy images, token text.
 
-Pi0.5 embeds ``[256 patches per camera slot | language tokens | action tokens]``. Camera slots
-follow ``PI05Policy._preprocess_images``: cameras present in the batch first (config order),
+Each policy's own layout (which key is which token) is its adapter's
+(:meth:`attnstore.capture.policies.base.PolicyAdapter.token_layout`, e.g. Pi0.5's
+``[256 patches per camera slot | language tokens | action tokens]``); :func:`token_layout` here asks it.
+Camera slots follow lerobot's image preprocessing: cameras present in the batch first (config order),
 missing ones after, filled with -1 and masked. Nothing here re-implements the policy's image
-preprocessing: the recorder hands over the tensors ``_preprocess_images`` returned.
+preprocessing: the recorder hands over the tensors the policy's images method returned.
 """
 
 from __future__ import annotations
@@ -41,31 +43,11 @@ def camera_slots(image_feature_keys: Sequence[str], batch_keys: Any) -> tuple[tu
     return names, (True,) * len(present) + (False,) * len(missing)
 
 
-def patch_grid(policy) -> tuple[int, int]:
-    """(rows, cols) of SigLIP's patch grid (224 px / patch 14 -> 16 x 16)."""
-    vision = policy.model.paligemma_with_expert.paligemma.config.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    return side, side
-
-
 def token_layout(policy, batch: Mapping[str, Any]) -> TokenLayout:
-    """The :class:`TokenLayout` of one inference of ``policy`` on its preprocessed ``batch``."""
-    from lerobot.utils.constants import OBS_LANGUAGE_TOKENS
+    """The :class:`TokenLayout` of one inference of ``policy`` (Pi0.5, Pi0, SmolVLA) on its preprocessed ``batch``."""
+    from attnstore.capture.policies import adapter_for
 
-    config = policy.config
-    cameras, present = camera_slots(list(config.image_features), batch.keys())
-    if not any(present):
-        raise CaptureError("no camera of the policy's config is in the batch; the policy would refuse it too")
-    rows, cols = patch_grid(policy)
-    tokens = batch[OBS_LANGUAGE_TOKENS]
-    return TokenLayout(
-        cameras=cameras,
-        camera_present=present,
-        grid_rows=rows,
-        grid_cols=cols,
-        num_language=int(tokens.shape[1]),
-        num_action=int(config.chunk_size),
-    )
+    return adapter_for(policy).token_layout(batch)
 
 
 def key_valid(layout: TokenLayout, language_mask: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""load_policy: a Pi0.5 policy and its processors, ready for ``select_action``.
+"""load_policy: a Pi0.5, Pi0 or SmolVLA policy and its processors, ready for ``select_action``.
 
 ``"tiny"`` builds (once, cached) and loads the tiny random-weight model fully offline; a local
 directory loads it (tiny checkpoints rebuilt tiny); anything else is a hub id handed to lerobot
@@ -21,7 +21,7 @@ __all__ = ["find_tokenizer", "load_policy"]
 
 
 def load_policy(path_or_id: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any, Any]:
-    """``(policy, preprocessor, postprocessor)`` for a Pi0.5 checkpoint, in eval mode on ``device``.
+    """``(policy, preprocessor, postprocessor)`` for a Pi0.5, Pi0 or SmolVLA checkpoint, in eval mode on ``device``.
 
     ``"tiny"``: the cached tiny model, offline. Local tiny checkpoints are rebuilt tiny; every
     checkpoint's weights are checked against its model (:func:`checkpoint.check_weights_loaded`).
@@ -33,11 +33,13 @@ def load_policy(path_or_id: str | os.PathLike[str], device: str = "cpu") -> tupl
 
 def _load(ckpt: Checkpoint, device: str) -> tuple[Any, Any, Any]:
     from lerobot.policies.factory import make_pre_post_processors
-    from lerobot.policies.pi05.modeling_pi05 import PI05Policy
+
+    from attnstore.capture.policies import adapter_class
 
     config = ckpt.read_config(device)
+    policy_class = adapter_class(config.type).policy_class()
     with ckpt.model_patches(), contextlib.redirect_stdout(_NullWriter()):  # from_pretrained prints a banner
-        policy = PI05Policy.from_pretrained(ckpt.source, config=config)
+        policy = policy_class.from_pretrained(ckpt.source, config=config)
     ckpt.check_weights(policy)  # from_pretrained only warns on a mismatch
     policy.eval()
     preprocessor, postprocessor = make_pre_post_processors(

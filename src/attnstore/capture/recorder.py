@@ -27,13 +27,21 @@ import numpy as np
 
 from attnstore import schema as S
 from attnstore.capture import layout as L
-from attnstore.capture.buffers import BufferRing, HostBuffers, ready_after, to_host
+from attnstore.capture.buffers import (
+    BufferRing,
+    HostBuffers,
+    check_finite_flags,
+    quantise_on_device,
+    ready_after,
+    to_host,
+)
 from attnstore.capture.episodes import EpisodeBook
 from attnstore.capture.policies import adapter_for
 from attnstore.capture.summary import SummaryBuffers, SummaryPlan
 from attnstore.selection import Selection, parse_denoise_steps, parse_layers
 from attnstore.errors import CaptureError
 from attnstore.schema import StoreSpec
+from attnstore.schema.encoding import QUANTISED
 from attnstore.store.writer import AttentionWriter, InferenceBatch
 
 _MISSING = object()
@@ -56,7 +64,7 @@ class _Inference:
     copied: bool = False
     summary: SummaryBuffers | None = None  # per-layer summaries, on the policy's device
     valid: Any = None  # (B, K, R + 1) region one-hot + key validity on the device (SummaryPlan.key_valid)
-    staged: bool = False  # summaries computed once per model run from a device staging buffer
+    staged: bool = False  # device path: hooks stage the layers on the device; summarised + quantised at the end
 
 
 class AttentionRecorder:
@@ -132,8 +140,12 @@ class AttentionRecorder:
         self._current: _Inference | None = None
         self._ring = BufferRing()
         self._plan: SummaryPlan | None = None
-        # None: stage the expert probabilities on the device and summarise them once per model run on CUDA
-        # (2 kernels per hook instead of ~15), summarise in each hook on CPU (no extra copy); tests force both
+        # expert layers with a hook: stored in full, summarised, or both (their order in the staging buffer)
+        self._hooked = tuple(sorted(set(self.layers) | set(self.summary_layers)))
+        # The device path (None: on CUDA): each hook does one device copy into a staging buffer; once per
+        # model run the summaries come from it in a few kernels over all layers, and the stored layers are
+        # quantised to uint16 on the device before their one copy to the host. The CPU path (the default
+        # there) summarises in each hook and copies float32 (the writer quantises). Tests force both.
         self._stage_summaries: bool | None = None
         self._staging: Any = None
 
@@ -163,7 +175,7 @@ class AttentionRecorder:
                 (self.adapter.register_prefix_hook, self.prefix_layers, self.summary_prefix_layers, self._make_prefix_hook),
             ):
                 for i in sorted(set(stored) | set(summarised)):
-                    slots = (_slot(stored, i), _slot(summarised, i))
+                    slots = (_slot(stored, i), _slot(summarised, i), _slot(self._hooked, i))
                     hook = torch.compiler.disable(make(*slots))
                     self._handles.append(register(i, hook))
             self._attached = True
@@ -266,9 +278,10 @@ class AttentionRecorder:
         return denoise_step
 
     # ---- hooks -------------------------------------------------------------------------------------
-    def _make_expert_hook(self, layer_slot: int, summary_slot: int):
+    def _make_expert_hook(self, layer_slot: int, summary_slot: int, staged_slot: int):
         """Hook of one expert layer: its full attention into slot ``layer_slot`` of the host buffer and
-        its summary into slot ``summary_slot`` (-1: not stored / not summarised)."""
+        its summary into slot ``summary_slot`` (-1: not stored / not summarised); on the device path,
+        only one copy into slot ``staged_slot`` of the staging buffer."""
 
         def hook(module, args, kwargs, output):
             run = self._current
@@ -281,19 +294,19 @@ class AttentionRecorder:
                     f"expert attention has shape {tuple(probs.shape)}, the token layout expects "
                     f"(B, H, {expected[0]}, {expected[1]}); is this a {self.adapter.label} with an unexpected input?"
                 )
-            if layer_slot >= 0:
-                run.buffers.attention[:, run.slot, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
-            if summary_slot >= 0 and run.summary is not None:
-                if run.staged:
-                    self._staging_for(run, probs)[:, run.slot, summary_slot].copy_(probs)
-                else:
+            if run.staged:
+                self._staging_for(probs)[:, run.slot, staged_slot].copy_(probs)
+            else:
+                if layer_slot >= 0:
+                    run.buffers.attention[:, run.slot, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
+                if summary_slot >= 0 and run.summary is not None:
                     _put_summary(run.summary, (slice(None), run.slot, summary_slot), self._plan.expert(probs, run.valid))
             run.copied = True
             return None
 
         return hook
 
-    def _make_prefix_hook(self, layer_slot: int, summary_slot: int):
+    def _make_prefix_hook(self, layer_slot: int, summary_slot: int, _staged_slot: int):
         def hook(module, args, kwargs, output):
             run = self._current
             if run is None or run.denoise_index >= 0:  # only the prefix pass, never a denoise step
@@ -338,7 +351,7 @@ class AttentionRecorder:
             episodes=episodes,
             env_step=self.episodes.env_step,
             keep=keep,
-            buffers=self._next_buffers(b, tokens.device),
+            buffers=self._next_buffers(b, tokens.device, staged),
             language=(np.where(mask, ids, S.LANGUAGE_PAD_ID).astype(np.int32), mask),
             state=batch[OBS_STATE] if S.STATE in self.spec.extra_shapes else None,
             summary=summary,
@@ -385,11 +398,14 @@ class AttentionRecorder:
                 f"one store holds one layout: write another store"
             )
 
-    def _next_buffers(self, b: int, device) -> HostBuffers:
+    def _next_buffers(self, b: int, device, staged: bool = False) -> HostBuffers:
+        import torch
+
         spec = self.spec
         shape = (b, *spec.attention_shape_per_inference)
         pshape = (b, *spec.prefix_attention_shape_per_inference) if spec.prefix_layers else None
-        return self._ring.take(shape, pshape, device, self.inferences, getattr(self.writer, "pending", None))
+        dtype = torch.int16 if staged and spec.encoding in QUANTISED else torch.float32
+        return self._ring.take(shape, pshape, device, self.inferences, getattr(self.writer, "pending", None), dtype)
 
     def _finish(self, run: _Inference, actions) -> None:
         import torch
@@ -406,8 +422,9 @@ class AttentionRecorder:
                 "through its self_attn modules (is this lerobot 0.6.1's Pi0.5?)"
             )
         cuda = actions.is_cuda
-        if run.staged and run.summary is not None and run.summary.region_mass is not None:
-            self._summarise_staged(run)
+        attention, nonfinite = run.buffers.attention, None
+        if run.staged:
+            attention, nonfinite = self._from_staging(run, cuda)
         small = {"times": torch.cat(run.times).float()}
         if run.state is not None:
             small["state"] = run.state.float()
@@ -425,14 +442,16 @@ class AttentionRecorder:
             # the writer thread waits for the non-blocking copies, then checks t (no sync here)
             event = torch.cuda.Event()
             event.record()
-            times, ready = None, ready_after(event, host["times"], spec)
+            times, ready = None, ready_after(event, host["times"], spec, nonfinite, (run.episodes, run.env_step))
+        elif nonfinite is not None:
+            check_finite_flags(nonfinite, run.episodes, run.env_step)
         ids, mask = run.language
         texts = self._token_text(ids, mask) if self._token_text is not None else np.full(ids.shape, "", dtype=str)
         b = len(run.episodes)
         batch = InferenceBatch(
             episodes=run.episodes,
             env_steps=np.full(b, run.env_step, dtype=np.int64),
-            attention=run.buffers.attention,
+            attention=attention,
             key_valid=self.adapter.key_valid(spec.layout, mask),
             times=times,
             language_token_id=ids,
@@ -448,23 +467,38 @@ class AttentionRecorder:
         self.writer.append(batch)
         self.inferences += 1
 
-    def _staging_for(self, run: _Inference, probs):
-        """The device buffer (B, D, summary layers, H, Q, K) in the probabilities' dtype, reused across runs
-        (stream order keeps a run's summarising before the next run's copies)."""
+    def _staging_for(self, probs):
+        """The device buffer (B, D, hooked layers, H, Q, K) in the probabilities' dtype, reused across runs
+        (stream order keeps a run's reads of it before the next run's copies)."""
         import torch
 
-        spec = self.spec
-        shape = (probs.shape[0], len(spec.denoise_steps), len(spec.summary_layers), *probs.shape[1:])
+        shape = (probs.shape[0], len(self.spec.denoise_steps), len(self._hooked), *probs.shape[1:])
         buf = self._staging
         if buf is None or tuple(buf.shape) != shape or buf.dtype != probs.dtype or buf.device != probs.device:
             self._staging = buf = torch.empty(shape, dtype=probs.dtype, device=probs.device)
         return buf
 
-    def _summarise_staged(self, run: _Inference) -> None:
-        """Summaries of every staged denoise step, a few kernels per step over all layers at once."""
-        staging = self._staging
-        for d in range(staging.shape[1]):
-            _put_summary(run.summary, (slice(None), d), self._plan.expert(staging[:, d], run.valid))
+    def _from_staging(self, run: _Inference, cuda: bool):
+        """Device path, once per model run: the summaries of every layer (a few kernels per denoise step
+        over all layers at once) and the stored layers, quantised on the device and copied to the host
+        once. Returns (host attention for the batch, host non-finite flags or None)."""
+        import torch
+
+        spec, staging = self.spec, self._staging
+        if run.summary is not None and run.summary.region_mass is not None:
+            summarised = _positions(self._hooked, spec.summary_layers, staging.device)
+            for d in range(staging.shape[1]):
+                probs = staging[:, d] if summarised is None else staging[:, d].index_select(1, summarised)
+                _put_summary(run.summary, (slice(None), d), self._plan.expert(probs, run.valid))
+        stored = _positions(self._hooked, spec.layers, staging.device)
+        att = staging if stored is None else staging.index_select(2, stored)
+        host = run.buffers.attention
+        if host.dtype != torch.int16:  # exact float32 encoding: the probabilities as they are
+            host.copy_(att, non_blocking=cuda)
+            return host, None
+        bits, bad = quantise_on_device(att)
+        host.copy_(bits, non_blocking=cuda)
+        return host.view(torch.uint16), to_host(bad, cuda)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -475,6 +509,15 @@ def _put_summary(out: SummaryBuffers, index: tuple, summary: tuple[Any, Any, Any
     out.entropy[index].copy_(ent)
     if out.grid is not None:
         out.grid[index].copy_(grid)
+
+
+def _positions(hooked: tuple[int, ...], wanted: tuple[int, ...], device):
+    """Index tensor of ``wanted`` layers among the ``hooked`` ones (None: all of them, in order)."""
+    import torch
+
+    if tuple(wanted) == tuple(hooked):
+        return None
+    return torch.tensor([hooked.index(i) for i in wanted], dtype=torch.long, device=device)
 
 
 def _slot(chosen: tuple[int, ...], index: int) -> int:

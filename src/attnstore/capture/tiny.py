@@ -1,5 +1,9 @@
 """A tiny, random-weight Pi0.5 built through lerobot's own classes, for tests, CI and benchmarks.
 
+(Pi0 and SmolVLA have theirs in :mod:`attnstore.capture.tiny_pi0` and :mod:`attnstore.capture.tiny_smolvla`;
+:func:`make_tiny_policy` ``policy_type=`` and :func:`tiny_model_patches` dispatch to them, a checkpoint's
+marker says which it is.)
+
 lerobot 0.6.1 accepts only the variant names ``gemma_2b`` / ``gemma_300m`` and hard-codes SigLIP's
 size, so a tiny model cannot be described by a config alone. :func:`tiny_model_patches` swaps two
 module globals of ``lerobot.policies.pi05.modeling_pi05`` (``get_gemma_config`` and
@@ -35,6 +39,7 @@ LIBERO_CAMERAS = ("image", "image2")
 IMAGE_KEY_PREFIX = "observation.images."
 LIBERO_STATE_DIM = 8
 LIBERO_ACTION_DIM = 7
+TINY_TYPES = ("pi05", "pi0", "smolvla")  # policy types make_tiny_policy builds
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,13 @@ class TinyDims:
     def siglip_tokens_per_camera(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def gemma_config(self, variant: str):
-        """lerobot's ``GemmaConfig`` for a variant name, shrunk (``gemma_2b`` = VLM, ``gemma_300m`` = expert)."""
-        from lerobot.policies.pi05 import modeling_pi05
+    def gemma_config(self, variant: str, modeling_pi05: Any = None):
+        """lerobot's ``GemmaConfig`` for a variant name, shrunk (``gemma_2b`` = VLM, ``gemma_300m`` = expert).
+
+        ``modeling_pi05``: the lerobot module whose ``GemmaConfig`` to use (Pi0.5's by default, Pi0's for Pi0).
+        """
+        if modeling_pi05 is None:
+            from lerobot.policies.pi05 import modeling_pi05
 
         widths = {
             "gemma_2b": (self.vlm_width, self.vlm_mlp_dim),
@@ -121,17 +130,50 @@ def is_tiny_checkpoint(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MARKER_NAME).is_file()
 
 
-def read_tiny_dims(path: str | os.PathLike[str]) -> TinyDims:
-    """The dims recorded in a tiny checkpoint's marker file."""
+def read_marker(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A tiny checkpoint's marker (its policy type, dims, cameras, seed), or a one-line error."""
     marker = Path(path) / MARKER_NAME
     try:
         data = json.loads(marker.read_text())
-        return TinyDims.from_dict(data["dims"])
+        if not isinstance(data, dict) or not isinstance(data["dims"], dict):
+            raise TypeError("not a marker object")
+        return data
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CaptureError(
             f"{marker} is unreadable ({type(exc).__name__}: {exc}); rebuild it with "
             f"'attnstore make-tiny-policy {Path(path)}'"
         ) from exc
+
+
+def tiny_policy_type(path: str | os.PathLike[str]) -> str:
+    """The policy type of a tiny checkpoint (markers before Pi0 and SmolVLA are Pi0.5's)."""
+    return str(read_marker(path).get("policy_type", "pi05"))
+
+
+def read_tiny_dims(path: str | os.PathLike[str]) -> Any:
+    """The dims recorded in a tiny checkpoint's marker file (:class:`TinyDims` for Pi0.5 and Pi0,
+    :class:`~attnstore.capture.tiny_smolvla.TinySmolDims` for SmolVLA)."""
+    data = read_marker(path)
+    if data.get("policy_type") == "smolvla":
+        from attnstore.capture.tiny_smolvla import TinySmolDims
+
+        return TinySmolDims.from_dict(data["dims"])
+    return TinyDims.from_dict(data["dims"])
+
+
+def tiny_depths(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(action-expert depth, VLM depth) of a tiny checkpoint."""
+    depth = int(read_tiny_dims(path).depth)
+    return depth, depth
+
+
+def tokenizer_dir(path: str | os.PathLike[str]) -> Path:
+    """Where a tiny checkpoint keeps its tokenizer (``tokenizer/``; SmolVLA: its tiny VLM's folder ``vlm/``)."""
+    try:
+        name = read_marker(path).get("tokenizer_dir", TOKENIZER_DIRNAME)
+    except CaptureError:
+        name = TOKENIZER_DIRNAME
+    return Path(path) / str(name)
 
 
 # ---- patches --------------------------------------------------------------------------------------
@@ -142,7 +184,9 @@ def tiny_model_patches(source: str | os.PathLike[str] | TinyDims | None = None) 
     ``source`` is a tiny checkpoint directory (its marker's dims), a :class:`TinyDims`, or None
     (default dims). Patches ``modeling_pi05.get_gemma_config`` and
     ``modeling_pi05.PaliGemmaForConditionalGenerationWithPiGemma``; the originals are restored on
-    exit, also after an exception. Models built inside stay tiny after exit.
+    exit, also after an exception. Models built inside stay tiny after exit. A tiny Pi0 or SmolVLA
+    checkpoint directory gets its own module's patches (:mod:`attnstore.capture.tiny_pi0`,
+    :mod:`attnstore.capture.tiny_smolvla`).
     """
     if source is None:
         dims = TinyDims()
@@ -151,15 +195,38 @@ def tiny_model_patches(source: str | os.PathLike[str] | TinyDims | None = None) 
     else:
         if not is_tiny_checkpoint(source):
             raise CaptureError(f"{source} is not a tiny attnstore checkpoint (no {MARKER_NAME})")
+        kind = tiny_policy_type(source)
+        if kind != "pi05":
+            with _other_type_patches(kind, source) as other:
+                yield other
+            return
         dims = read_tiny_dims(source)
 
     from lerobot.policies.pi05 import modeling_pi05
 
+    with paligemma_patches(modeling_pi05, dims):
+        yield dims
+
+
+def _other_type_patches(kind: str, source: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Any]:
+    if kind == "pi0":
+        from attnstore.capture.tiny_pi0 import tiny_model_patches as patches
+    elif kind == "smolvla":
+        from attnstore.capture.tiny_smolvla import tiny_model_patches as patches
+    else:
+        raise CaptureError(f"{source}: tiny checkpoint of unknown policy type '{kind}'; rebuild it")
+    return patches(source)
+
+
+@contextlib.contextmanager
+def paligemma_patches(modeling_pi05: Any, dims: TinyDims) -> Iterator[TinyDims]:
+    """Patch ``get_gemma_config`` and ``PaliGemmaForConditionalGenerationWithPiGemma`` of a lerobot
+    PaliGemma policy module (``modeling_pi05`` or ``modeling_pi0``) to build ``dims``' tiny model."""
     original_cfg = modeling_pi05.get_gemma_config
     original_paligemma = modeling_pi05.PaliGemmaForConditionalGenerationWithPiGemma
 
     def get_gemma_config(variant: str):
-        return dims.gemma_config(variant)
+        return dims.gemma_config(variant, modeling_pi05)
 
     class TinySiglipPaliGemma(original_paligemma):
         """lerobot's PaliGemma with a small SigLIP (same patch grid, so 256 tokens per camera)."""
@@ -196,16 +263,27 @@ def make_tiny_policy(
     *,
     cameras: Sequence[str] = LIBERO_CAMERAS,
     empty_cameras: int = 1,
-    dims: TinyDims | None = None,
+    dims: Any = None,
     n_action_steps: int = 10,
+    policy_type: str = "pi05",
 ) -> Path:
     """Write a tiny random-weight Pi0.5 checkpoint to ``directory`` (a normal ``--policy.path``).
 
     Defaults mirror the LIBERO Pi0.5 checkpoints: cameras ``observation.images.image`` and
     ``observation.images.image2`` (3x256x256), one empty camera, state 8, action 7, chunk 50,
     ``n_action_steps`` 10, 10 denoise steps, 200 language tokens, QUANTILES normalisation. The same
-    seed gives the same weights. Returns the directory.
+    seed gives the same weights. Returns the directory. ``policy_type="pi0"`` / ``"smolvla"`` writes a
+    tiny Pi0 / SmolVLA instead (:mod:`attnstore.capture.tiny_pi0`, :mod:`attnstore.capture.tiny_smolvla`).
     """
+    if policy_type not in TINY_TYPES:
+        raise CaptureError(f"tiny policy type must be one of {', '.join(TINY_TYPES)}, got '{policy_type}'")
+    if policy_type != "pi05":
+        if policy_type == "pi0":
+            from attnstore.capture.tiny_pi0 import make_tiny_policy as make
+        else:
+            from attnstore.capture.tiny_smolvla import make_tiny_policy as make
+        return make(directory, seed, cameras=cameras, empty_cameras=empty_cameras, dims=dims,
+                    n_action_steps=n_action_steps)
     cameras = tuple(cameras)
     dims = dims or TinyDims()
     out = Path(directory).expanduser().resolve()
@@ -223,6 +301,7 @@ def make_tiny_policy(
     post.save_pretrained(out)
     marker = {
         "format": "attnstore.tiny_pi05",
+        "policy_type": "pi05",
         "seed": int(seed),
         "cameras": list(cameras),
         "empty_cameras": int(empty_cameras),
@@ -323,13 +402,13 @@ def _libero_like_stats() -> dict[str, dict[str, Any]]:
     return {"observation.state": entry(state_q01, state_q99), "action": entry(action_q01, action_q99)}
 
 
-def _make_processors(config, stats, tokenizer_dir: Path):
-    """lerobot's Pi0.5 processors, with the tokenizer step pointed at the local tokenizer.
+def _make_processors(config, stats, tokenizer_dir: Path, processor_module: str = "lerobot.policies.pi05.processor_pi05"):
+    """lerobot's processors of ``config``'s policy, with the tokenizer step pointed at the local tokenizer.
 
     lerobot hard-codes ``google/paligemma-3b-pt-224`` (a hub download); the step is swapped for the
     same class with the local path only while the pipelines are built.
     """
     from lerobot.policies import factory
 
-    with local_tokenizer_step(tokenizer_dir):
+    with local_tokenizer_step(tokenizer_dir, processor_module):
         return factory.make_pre_post_processors(config, dataset_stats=stats)

@@ -1,5 +1,6 @@
-"""The tokenizer side of a checkpoint: the offline tiny tokenizer, pointing lerobot's tokenizer step at
-a local tokenizer, and finding the tokenizer inside a built preprocessor.
+"""The tokenizer side of a checkpoint: the offline tiny tokenizers (PaliGemma-like for Pi0.5 and Pi0,
+SmolVLM2-like for SmolVLA), pointing lerobot's tokenizer step at a local tokenizer, and finding the
+tokenizer inside a built preprocessor.
 
 lerobot's Pi0.5 processors hard-code ``google/paligemma-3b-pt-224`` (a hub download). A tiny
 checkpoint carries its own small tokenizer instead (:func:`write_offline_tokenizer`, in the
@@ -58,6 +59,44 @@ def write_offline_tokenizer(directory: str | os.PathLike[str]) -> Path:
     return directory
 
 
+# SmolVLM2's special tokens (its tokenizer's ``extra_special_tokens``): SmolVLA reads
+# ``tokenizer.fake_image_token_id`` / ``global_image_token_id`` for its image start/end tokens
+SMOLVLM_SPECIAL_TOKENS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "image_token": "<image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+    "video_token": "<video>",
+}
+
+
+def offline_smolvlm_tokenizer():
+    """A small byte-level BPE tokenizer with SmolVLM2's special tokens (offline stand-in for SmolVLM2's),
+    not saved: :mod:`attnstore.capture.tiny_smolvla` saves it inside the tiny VLM's processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<unk>", *SMOLVLM_SPECIAL_TOKENS.values()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([f"{line}\n" for line in _TOKENIZER_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        unk_token="<unk>",
+        extra_special_tokens=dict(SMOLVLM_SPECIAL_TOKENS),
+    )
+
+
 def tokenizer_override(tokenizer_dir: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
     """The ``preprocessor_overrides`` entry that loads the tokenizer from ``tokenizer_dir``.
 
@@ -68,25 +107,30 @@ def tokenizer_override(tokenizer_dir: str | os.PathLike[str]) -> dict[str, dict[
 
 
 @contextlib.contextmanager
-def local_tokenizer_step(tokenizer_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """While open, lerobot's Pi0.5 processor factory builds its tokenizer step from ``tokenizer_dir``.
+def local_tokenizer_step(
+    tokenizer_dir: str | os.PathLike[str], module: str = "lerobot.policies.pi05.processor_pi05"
+) -> Iterator[None]:
+    """While open, a lerobot processor factory builds its tokenizer step from ``tokenizer_dir``.
 
-    Swaps ``processor_pi05.TokenizerProcessorStep`` for the same class with the local path (only for
-    building new pipelines from a config, where no override can be passed); restored on exit.
+    Swaps ``TokenizerProcessorStep`` of the processor ``module`` (Pi0.5's by default; Pi0's
+    ``lerobot.policies.pi0.processor_pi0``, SmolVLA's ``lerobot.policies.smolvla.processor_smolvla``) for
+    the same class with the local path (only for building new pipelines from a config, where no override
+    can be passed); restored on exit.
     """
-    from lerobot.policies.pi05 import processor_pi05
+    import importlib
 
-    original = processor_pi05.TokenizerProcessorStep
+    processor = importlib.import_module(module)
+    original = processor.TokenizerProcessorStep
 
     def step(**kwargs):
         kwargs["tokenizer_name"] = str(tokenizer_dir)
         return original(**kwargs)
 
-    processor_pi05.TokenizerProcessorStep = step
+    processor.TokenizerProcessorStep = step
     try:
         yield
     finally:
-        processor_pi05.TokenizerProcessorStep = original
+        processor.TokenizerProcessorStep = original
 
 
 def repoint_saved_tokenizer(checkpoint_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str]) -> None:

@@ -2,7 +2,8 @@
 
 Each module in this package defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``; heavy imports happen inside ``run`` so ``attnstore --help`` stays instant.
-A module with ``RAW_ARGV = True`` (``eval``) gets its arguments unparsed, as ``run(argv)``.
+A module with ``RAW_ARGV = True`` (``eval``) gets its arguments unparsed, as ``run(argv)``; one with
+``PASS_UNKNOWN = True`` (``eval-study``) gets the flags it does not know as ``run(args, extra)``.
 Errors of type :class:`attnstore.errors.AttnStoreError` print as one line and exit 2.
 """
 
@@ -21,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "overlay": "attnstore.cli.overlay",
     "plot": "attnstore.cli.plot",
     "view": "attnstore.cli.view",
+    "pack": "attnstore.cli.pack",
+    "eval-study": "attnstore.cli.eval_study",
     "make-tiny-policy": "attnstore.cli.make_tiny_policy",
 }
 
@@ -63,13 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS and getattr(_load(argv[0]), "RAW_ARGV", False):
             return int(_load(argv[0]).run(argv[1:]) or 0)
+        if argv and argv[0] in COMMANDS and getattr(_load(argv[0]), "PASS_UNKNOWN", False):
+            args, extra = build_parser().parse_known_args(argv)  # the rest goes to the jobs (eval-study)
+            return int(_load(args.command).run(args, extra) or 0)
         args = build_parser().parse_args(argv)
         return int(_load(args.command).run(args) or 0)
     except AttnStoreError as exc:
         print(f"attnstore: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("attnstore: interrupted; everything committed so far stays readable", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "reported", False):  # `eval` says itself what it kept
+            print("attnstore: interrupted; everything committed so far stays readable", file=sys.stderr)
+        end_process = getattr(exc, "end_process", None)
+        if end_process is not None:
+            end_process()  # `eval`: exit 130 now; lerobot's simulators cannot always shut down
         return 130
     except BrokenPipeError:  # `attnstore inspect ... | head`: the reader left; not an error of ours
         import os

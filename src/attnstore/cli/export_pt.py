@@ -8,9 +8,11 @@ HELP = "export a store to legacy per-episode .pt files (the old save_attention_m
 DESCRIPTION = """\
 Write OUT_DIR/<task_group>_<task_id>/episode_<05d>_attention.pt for each episode, in the legacy layout:
 data['rollout_steps'][i]['attention_maps'][denoise]['attention_weights'][layer] -> (1, heads, 50, keys).
-rollout_step is the env step (video frame). Episodes are streamed one at a time; each file is written
-atomically. With --every-env-step there is one entry per video frame (each inference's maps repeated
-for the frames it served)."""
+rollout_step is the env step (video frame). The dict carries both the guide's keys (metadata.episode_index,
+num_denoising_steps) and the fork's (top-level episode_index = the file's number, batch_index,
+metadata.num_denoising_steps_per_action), so scripts written for either run unchanged. Episodes are
+streamed one at a time; each file is written atomically. With --every-env-step there is one entry per
+video frame (each inference's maps repeated for the frames it served)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attnstore.legacy.export_pt import export_pt
+    from attnstore.outputs import check_writable_dir
+
+    check_writable_dir(args.out_dir, "OUT_DIR")
 
     paths = export_pt(
         args.store,

@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from attnstore.errors import AttnStoreError, CaptureError, EvalConfigError, StoreError
+from attnstore.errors import CaptureError, EvalConfigError, StoreError
+from attnstore.evaluation.capture_writer import CaptureWriter
 from attnstore.evaluation.config import AttentionConfig, parse_attention_args, split_attention_args
 from attnstore.evaluation.libero_env import apply_runtime_defaults, check_libero_ready, check_libero_tasks
+from attnstore.evaluation.shutdown import EvalInterrupted, InterruptGuard, sigint_blocked, start_forkserver
 from attnstore.evaluation.tracking import EpisodeTracker, plan_tasks
 from attnstore.schema import EpisodeRecord, RunInfo, TaskPlan
 
@@ -54,6 +56,7 @@ class EvalResult:
     write_mb_per_s: float
     pc_success: float
     wall_s: float
+    capture_stopped: str | None = None  # why the capture stopped early (the store is then interrupted)
 
     def summary(self) -> str:
         videos = sorted(self.videos_dir.rglob("*.mp4")) if self.videos_dir.is_dir() else []
@@ -62,6 +65,8 @@ class EvalResult:
             if self.episodes_recorded or self.inferences
             else f"{self.store}  (not written: no episode was recorded)"
         )
+        if self.capture_stopped:
+            stored += "  INTERRUPTED: capture stopped early (see 'attnstore inspect')"
         return "\n".join(
             [
                 f"attnstore eval: done in {self.wall_s:.1f} s",
@@ -79,7 +84,22 @@ class EvalResult:
 
 
 def run_eval(argv: Sequence[str]) -> EvalResult:
-    """Run lerobot-eval with ``argv`` (lerobot's flags plus ``--attention.*``), capturing attention."""
+    """Run lerobot-eval with ``argv`` (lerobot's flags plus ``--attention.*``), capturing attention.
+
+    Ctrl-C ends the run within seconds whatever lerobot is doing (:mod:`attnstore.evaluation.shutdown`):
+    the store is closed as ``interrupted``, one line says what was kept, and :class:`EvalInterrupted`
+    is raised. A writer failure (full disk) stops the capture only: lerobot's evaluation finishes.
+    """
+    with InterruptGuard() as guard:
+        try:
+            return _run_eval(argv, guard)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, EvalInterrupted):
+                raise
+            raise guard.interrupt() from None
+
+
+def _run_eval(argv: Sequence[str], guard: InterruptGuard) -> EvalResult:
     attention_args, lerobot_args = split_attention_args(argv)
     attention = parse_attention_args(attention_args)
     lerobot_args, checkpoint = _resolve_policy_arg(lerobot_args)
@@ -89,8 +109,11 @@ def run_eval(argv: Sequence[str]) -> EvalResult:
     _check_config(cfg, attention, checkpoint)
     store_path = attention.store_path(cfg.output_dir)
     run_info = _run_info(cfg, attention, argv, checkpoint)
-    writer = _make_writer(store_path, attention, run_info)
-    session = CaptureSession(attention, writer, n_episodes=cfg.eval.n_episodes, checkpoint=checkpoint, run=run_info)
+    writer = CaptureWriter(_make_writer(store_path, attention, run_info), halted=lambda: guard.interrupted,
+                           shield=guard.deferred)
+    session = CaptureSession(attention, writer, n_episodes=cfg.eval.n_episodes, checkpoint=checkpoint, run=run_info,
+                             async_envs=bool(cfg.eval.use_async_envs))
+    guard.watch(lambda: _close_interrupted(writer, store_path, Path(cfg.output_dir) / "eval_info.json"))
 
     from lerobot.scripts import lerobot_eval
     from lerobot.utils.import_utils import register_third_party_plugins
@@ -102,9 +125,10 @@ def run_eval(argv: Sequence[str]) -> EvalResult:
     try:
         with session.patch_lerobot(lerobot_eval):
             lerobot_eval.eval_main(cfg)
-    except BaseException:
-        with contextlib.suppress(AttnStoreError):
-            writer.close(status="interrupted")
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or guard.interrupted:
+            raise guard.interrupt() from None  # closes the store, says what was kept
+        writer.close(status="interrupted", reason=f"the evaluation failed: {type(exc).__name__}: {exc}")
         raise
     finally:
         session.close_progress()
@@ -123,11 +147,33 @@ def run_eval(argv: Sequence[str]) -> EvalResult:
         episodes_recorded=session.episodes_recorded,
         inferences=stats.rows,
         attention_bytes=stats.attention_bytes,
-        store_bytes=stats.store_bytes,
+        store_bytes=stats.store_bytes or _store_bytes(store_path),
         write_mb_per_s=stats.attention_mb_per_s,
         pc_success=pc_success,
         wall_s=time.perf_counter() - start,
+        capture_stopped=writer.failure,
     )
+
+
+def _close_interrupted(writer: CaptureWriter, store: Path, eval_info: Path) -> str:
+    """Ctrl-C: close the store as interrupted (unless it was closed already); the one line saying what was kept."""
+    stats = writer.close(status="interrupted", reason="interrupted by Ctrl-C (SIGINT)")
+    lerobot = "lerobot's eval_info.json is written" if eval_info.is_file() else "lerobot wrote no eval_info.json"
+    if writer.spec is None:
+        return f"attnstore: interrupted before the first inference: no attention store was written; {lerobot}"
+    state = "complete (closed)" if writer.final_status == "closed" else f"closed as {writer.final_status}"
+    if writer.failure:
+        state += f" (capture had stopped: {writer.failure})"
+    return (
+        f"attnstore: interrupted; everything committed so far stays readable: {store} keeps {stats.rows} "
+        f"committed inference(s) and {stats.episodes} finished episode(s), {state}; {lerobot}"
+    )
+
+
+def _store_bytes(path: Path) -> int:
+    from attnstore.store.writer import directory_bytes
+
+    return directory_bytes(path) if path.is_dir() else 0
 
 
 # ---- before any simulation ------------------------------------------------------------------
@@ -200,7 +246,8 @@ def _check_config(cfg: Any, attention: AttentionConfig, checkpoint: Checkpoint) 
 
     parse_layers(attention.layer_selection, depth, error=EvalConfigError, label=label("layers"))
     parse_denoise_steps(
-        attention.denoise_selection, policy.num_inference_steps, error=EvalConfigError, label=label("denoise_steps")
+        attention.denoise_selection, checkpoint.num_denoise_steps(policy), error=EvalConfigError,
+        label=label("denoise_steps")
     )
     prefix = attention.prefix_selection
     if prefix is not False:
@@ -268,8 +315,10 @@ class CaptureSession:
         n_episodes: int,
         checkpoint: Checkpoint,
         run: RunInfo | None = None,
+        async_envs: bool = False,
     ) -> None:
         self.attention = attention
+        self.async_envs = async_envs  # lerobot's workers are started from a forkserver with SIGINT blocked
         self.n_episodes = n_episodes  # per task, as lerobot's --eval.n_episodes
         self.writer = writer
         self.checkpoint = checkpoint  # its weights must match the model lerobot builds
@@ -278,6 +327,7 @@ class CaptureSession:
         self.trackers: list[EpisodeTracker] = []
         self.policy: Any = None
         self.recorder: Any = None
+        self._detached = False
         self.episodes_run = 0
         self.episodes_recorded = 0
         self.successes = 0
@@ -305,7 +355,13 @@ class CaptureSession:
 
     def _wrap_make_env(self, make_env):
         def make_env_with_tracking(env_cfg, n_envs: int, *args, **kwargs):
-            envs = make_env(env_cfg, n_envs, *args, **kwargs)
+            # env worker processes must not get the terminal's Ctrl-C (their tracebacks; the main
+            # process ends them): they inherit a blocked SIGINT from here, also the forkserver that
+            # lerobot's lazy async envs fork them from later
+            with sigint_blocked():
+                envs = make_env(env_cfg, n_envs, *args, **kwargs)
+                if self.async_envs and n_envs > 1:
+                    start_forkserver()
             n_episodes = self.n_episodes
             order = [(group, tid) for group, tasks in envs.items() for tid in tasks]  # eval_policy_all's order
             self.plans = plan_tasks(order, n_episodes)
@@ -364,24 +420,37 @@ class CaptureSession:
         )
         self.recorder.attach()
 
-    # ---- tracker callbacks --------------------------------------------------------------------
+    # ---- tracker callbacks (outside the policy's calls) -------------------------------------------
     def _keep(self, episodes: np.ndarray) -> np.ndarray:
         return np.array([self.attention.records(int(e)) for e in episodes], bool)
 
+    def _capturing(self) -> bool:
+        """False once the writer stopped (a failure, Ctrl-C): the recorder is detached here, between
+        two policy calls, and lerobot's evaluation goes on without it."""
+        if self.recorder is None or self._detached:
+            return False
+        if getattr(self.writer, "stopped", False):
+            self.recorder.detach()
+            self._detached = True
+            return False
+        return True
+
     def _on_batch_start(self, episodes: np.ndarray, counted: np.ndarray) -> None:
         self._episodes = episodes
-        if self.recorder is not None:
+        if self._capturing():
             self.recorder.set_episodes(episodes)
             self.recorder.set_active(counted & self._keep(episodes))
 
     def _on_active(self, running: np.ndarray) -> None:
-        if self.recorder is not None:
+        if self._capturing():
             self.recorder.set_active(running & self._keep(self._episodes))
 
     def _on_episode_end(self, record: EpisodeRecord) -> None:
         self.episodes_run += 1
         self.successes += int(record.success)
-        if self.attention.records(record.episode) and self.writer.spec is not None:
+        if getattr(self.writer, "stopped", False):
+            pass  # nothing is recorded any more
+        elif self.attention.records(record.episode) and self.writer.spec is not None:
             self.writer.end_episode(record)
             self.episodes_recorded += 1
         if self._progress is not None:

@@ -17,7 +17,8 @@ from typing import Literal
 import numpy as np
 
 from attnstore import schema as S
-from attnstore.errors import SelectionError
+from attnstore.errors import SelectionError, StoreError
+from attnstore.outputs import check_writable_dir
 from attnstore.readers.render import SCALE_LABEL, render_heat, render_panel
 from attnstore.readers.selection import (
     episode_outcome,
@@ -148,6 +149,7 @@ def write_overlays(store: str | os.PathLike[str], options: OverlayOptions) -> Ov
     if not has_images:
         result.notes.append("this store holds no images: drawing the heat maps alone")
 
+    out = check_writable_dir(options.out_dir, "output folder", hint="pass --out DIR")  # before any drawing
     needed = np.union1d(panel_rows, rows if options.video else panel_rows[:0]).astype(np.int64)
     grids = camera_grids(ds, needed, cameras, layer=layer, denoise=denoise, heads=options.heads,
                          action=options.action, renormalize=options.renormalize)
@@ -177,10 +179,14 @@ def write_overlays(store: str | os.PathLike[str], options: OverlayOptions) -> Ov
                                 uniform=uniform)
         return panel
 
-    out = options.out_dir
     todo = [f for cam in cameras for f in frames(panel_rows, cam)]
-    if todo:
-        (out / f"episode_{options.episode:03d}").mkdir(parents=True, exist_ok=True)
+    try:
+        if todo:
+            (out / f"episode_{options.episode:03d}").mkdir(parents=True, exist_ok=True)
+        if options.video:
+            out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot write output folder {out}: {exc.strerror or exc}; pass --out DIR") from exc
     for frame in _progress(todo, options.progress, "panels"):
         path = out / f"episode_{options.episode:03d}" / f"{frame.camera}_step{frame.env_step:04d}.png"
         _save_png(draw(frame, None), path)
@@ -188,7 +194,6 @@ def write_overlays(store: str | os.PathLike[str], options: OverlayOptions) -> Ov
     if options.video:
         from attnstore.readers.video import write_mp4
 
-        out.mkdir(parents=True, exist_ok=True)
         fps = options.fps or real_time_fps(env_steps[rows])
         for cam in cameras:
             # one colour scale for the whole episode, so frames compare

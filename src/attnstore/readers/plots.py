@@ -2,7 +2,9 @@
 
 All figures come from two small tables computed in one pass over the attention chunks
 (:func:`summarize`): the share of attention per region and the attention entropy, per inference,
-denoise step and layer (mean over heads and action tokens). The figures:
+denoise step and layer (mean over heads and action tokens). A store with per-layer summaries (the
+recorder's default) gives them for every expert layer, also those not stored in full, from the summaries
+alone (no attention chunk is read). The figures:
 
 * ``region_shares.png``: share per region (each present camera, language, action) over env steps;
 * ``entropy_per_denoise.png``: entropy over the denoise steps, one line per layer;
@@ -21,7 +23,8 @@ import numpy as np
 import xarray as xr
 
 from attnstore import schema as S
-from attnstore.errors import SelectionError
+from attnstore.errors import SelectionError, StoreError
+from attnstore.outputs import check_writable_dir
 from attnstore.readers.selection import episode_outcome, episode_rows
 
 SHARE_LABEL = "share of action-token attention"
@@ -40,18 +43,25 @@ class Summary:
     outcomes: dict[int, str] = field(default_factory=dict)  # episode -> success/failure/unfinished
 
 
-def summarize(ds: xr.Dataset, rows: np.ndarray | None = None) -> Summary:
-    """Region shares and entropy of ``rows`` (default: every row), computed in one pass."""
+def summarize(ds: xr.Dataset, rows: np.ndarray | None = None, source: str = "auto") -> Summary:
+    """Region shares and entropy of ``rows`` (default: every row), computed in one pass.
+
+    ``source``: ``"summary"`` (every expert layer, from the per-layer summaries), ``"attention"`` (the
+    layers stored in full) or ``"auto"`` (the summaries when the store has them).
+    """
     import dask
 
     from attnstore.readers.analysis import entropy, region_shares
+    from attnstore.schema.variables import SUMMARY_REGION_MASS
     from attnstore.store.open import spec_of
 
     spec = spec_of(ds)
     if rows is not None:
         ds = ds.isel({S.INFERENCE: np.asarray(rows)})
-    shares = region_shares(ds, heads="mean", queries="mean")
-    ent = entropy(ds)  # nats per (inference, denoise, layer, head, query), over the valid keys
+    if source == "auto":
+        source = "summary" if SUMMARY_REGION_MASS in ds else "attention"
+    shares = region_shares(ds, heads="mean", queries="mean", source=source)
+    ent = entropy(ds, source=source)  # nats per (inference, denoise, layer, head, query), over the valid keys
     ent = ent.mean([d for d in (S.HEAD, S.QUERY) if d in ent.dims])  # mean of entropies, not of maps
     shares, ent = dask.compute(shares, ent)
     present = [c for c, p in zip(spec.layout.cameras, spec.layout.camera_present) if p]
@@ -97,9 +107,12 @@ def write_plots(
     rows = None if episode is None else episode_rows(ds, episode)
     if ds.sizes[S.INFERENCE] == 0:
         raise SelectionError(f"{store} holds no committed inference: nothing to plot")
+    out = check_writable_dir(out_dir, "output folder", hint="pass --out DIR")  # before any figure is computed
     summary = summarize(ds, rows)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot write output folder {out}: {exc.strerror or exc}; pass --out DIR") from exc
     result = PlotResult()
     layer = int(summary.shares[S.LAYER].values[-1])
     denoise = int(summary.shares[S.DENOISE].values[-1])
@@ -166,25 +179,37 @@ def entropy_figure(summary: Summary, ds: xr.Dataset, subtitle: str):
     ax = fig.add_subplot()
     ent = summary.entropy
     denoise = ent[S.DENOISE].values
-    for layer in ent[S.LAYER].values:
+    layers = ent[S.LAYER].values
+    many = len(layers) > 4  # every layer (summaries): one colour per layer, no bands
+    colours = _layer_colours(len(layers)) if many else [None] * len(layers)
+    for layer, colour in zip(layers, colours):
         per_row = ent.sel({S.LAYER: layer}).values  # (inference, denoise)
         mean = per_row.mean(0)
-        lo, hi = np.percentile(per_row, [25, 75], axis=0)
-        ax.plot(denoise, mean, marker="o", label=f"layer {int(layer)}")
-        ax.fill_between(denoise, lo, hi, alpha=0.2)
+        ax.plot(denoise, mean, marker="o", markersize=3 if many else 6, color=colour, label=f"layer {int(layer)}")
+        if not many:
+            lo, hi = np.percentile(per_row, [25, 75], axis=0)
+            ax.fill_between(denoise, lo, hi, alpha=0.2)
     times = ds[S.TIME].sel({S.DENOISE: denoise}).values
     ax.set_xticks(denoise, [f"{int(d)}\nt={t:.1f}" for d, t in zip(denoise, times)], fontsize=7)
     ax.set_xlabel("denoise step (flow-matching time t)")
     ax.set_ylabel(ENTROPY_LABEL)
     ax.grid(alpha=0.3)
-    ax.legend(title="expert layer (band: 25-75% of inferences)", fontsize=8)
+    title = "expert layer" if many else "expert layer (band: 25-75% of inferences)"
+    ax.legend(title=title, fontsize=6 if many else 8, ncol=3 if many else 1)
     fig.suptitle("Attention entropy per denoise step", fontweight="bold")
     ax.set_title(subtitle, fontsize=8)
     return fig
 
 
+def _layer_colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
 def per_layer_figure(summary: Summary, denoise: int, subtitle: str):
-    fig = _figure(9, 4.5)
+    fig = _figure(max(9, 3 + 0.45 * summary.shares.sizes[S.LAYER]), 4.5)
     ax_share, ax_ent = fig.subplots(1, 2, width_ratios=(3, 2))
     layers = [int(v) for v in summary.shares[S.LAYER].values]
     shares = summary.shares.sel({S.DENOISE: denoise}).mean(S.INFERENCE).values  # (layer, region)

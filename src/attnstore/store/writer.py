@@ -10,6 +10,12 @@ Each chunk is written whole (one chunk per inference row for the large arrays), 
 store replaces files by rename, so a killed process leaves every committed row readable, the
 uncommitted ones invisible (their ``episode`` reads as the fill value -1), and arrays whose
 consolidated shapes agree, for plain ``xr.open_zarr`` too.
+
+Throughput (the writer must keep up with a GPU): attention may arrive already quantised (uint16, as the
+recorder makes it on CUDA before the device-to-host copy), which halves the bytes and skips the cast;
+blosc compresses with ``encode_threads`` threads; chunks are written without zarr's "is it all fill
+value?" pass. When the thread still falls behind, ``append`` blocks (the eval slows, nothing is dropped)
+and :attr:`WriterStats.wait_seconds` says for how long.
 """
 
 from __future__ import annotations
@@ -102,13 +108,33 @@ class WriterStats:
     busy_seconds: float = 0.0  # time the writer thread spent encoding and writing
     max_queue_depth: int = 0
     store_bytes: int = 0  # size on disk at close
+    wait_seconds: float = 0.0  # time the caller (the eval loop) was blocked in append/end_episode: writer behind
+    waits: int = 0  # how many hand-overs had to wait for room in the queue
+    queue_size: int = 0  # the queue's capacity (max_queue)
 
     @property
     def attention_mb_per_s(self) -> float:
         return self.attention_bytes / 1e6 / self.busy_seconds if self.busy_seconds else 0.0
 
+    def postfix(self, depth: int | None = None) -> dict[str, str]:
+        """Short fields for a progress bar (tqdm ``set_postfix``): queue depth, writer MB/s, time waited.
+
+        >>> WriterStats(attention_bytes=8_000_000_000, busy_seconds=10.0, wait_seconds=2.5, queue_size=4).postfix(3)
+        {'queue': '3/4', 'writer': '800MB/s', 'waited': '2.5s'}
+        """
+        out = {"queue": f"{self.max_queue_depth if depth is None else depth}/{self.queue_size}",
+               "writer": f"{self.attention_mb_per_s:.0f}MB/s"}
+        if self.wait_seconds >= 0.05:
+            out["waited"] = f"{self.wait_seconds:.1f}s"
+        return out
+
 
 _STOP = object()
+# zarr array config of the writer's arrays: chunks are always written (never compared with the fill value
+# first: that is a full extra pass over every chunk, and a row is never all fill value). The benchmark sets
+# {} to measure the previous path.
+ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
+PROGRESS_INTERVAL_S = 2.0  # on_progress is called at most this often (and whenever append had to wait)
 
 
 @dataclass
@@ -128,6 +154,13 @@ class AttentionWriter:
 
     ``mode``: ``create`` (the path must not exist), ``overwrite`` (replace an existing attnstore store,
     never anything else) or ``append`` (add to an existing store with the same spec).
+
+    ``encode_threads``: blosc threads compressing each chunk (default: the cores this process may use,
+    at most 4; 1 = single-threaded). Blosc's thread setting is process-wide: while a writer runs, blosc
+    calls of the process (reads too) use its threads, serialised by numcodecs' lock; it is restored when
+    the last writer closes. ``on_progress(stats)``, when set, is called from ``append`` on the caller's
+    thread at most every :data:`PROGRESS_INTERVAL_S` seconds and after every wait (for a progress bar:
+    ``bar.set_postfix(writer.stats.postfix(writer.queue_depth))``).
     """
 
     def __init__(
@@ -138,14 +171,22 @@ class AttentionWriter:
         run: Mapping[str, Any] | None = None,
         mode: WriteMode = "create",
         max_queue: int = 4,
+        encode_threads: int | None = None,
+        on_progress: Callable[[WriterStats], None] | None = None,
     ) -> None:
         if max_queue < 1:
             raise WriterError(f"max_queue must be >= 1, got {max_queue}")
+        if encode_threads is not None and encode_threads < 1:
+            raise WriterError(f"encode_threads must be >= 1, got {encode_threads}")
+        self.encode_threads = int(encode_threads or default_encode_threads())
+        self.on_progress = on_progress
+        self._last_progress = 0.0
         self.path = Path(path)
         self.run = dict(run or {})
         self.mode: WriteMode = mode
         preflight(self.path, mode)  # path problems surface now, before any simulation runs
         self._state = _State()
+        self._state.stats.queue_size = max_queue
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -165,11 +206,13 @@ class AttentionWriter:
             return
         self._group = open_for_writing(self.path, spec, self.run, self.mode)
         self.spec = spec
-        self._arrays = {name: arr for name, arr in self._group.arrays()}
+        self._arrays = {name: arr.with_config(ARRAY_CONFIG) if ARRAY_CONFIG else arr
+                        for name, arr in self._group.arrays()}
         self._snapshot = Snapshot(self.path)  # what readers see: rewritten after every commit
         self._rows = int(self._arrays[S.EPISODE].shape[0])
         self._episode_rows = int(self._arrays[S.EPISODE_INDEX].shape[0])
         self._next_rollout = _committed_counts(self._arrays[S.EPISODE][:]) if self._rows else Counter()
+        _BLOSC.acquire(self.encode_threads)
         self._thread = threading.Thread(target=self._run, name="attnstore-writer", daemon=True)
         self._thread.start()
 
@@ -182,6 +225,11 @@ class AttentionWriter:
     def pending(self) -> int:
         """Items handed over and not yet fully written (queued or being written); their arrays are in use."""
         return self._queue.unfinished_tasks
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting in the queue now (not counting the one being written)."""
+        return self._queue.qsize()
 
     def append(self, batch: InferenceBatch) -> None:
         """Queue one inference. Blocks only while the queue is full. Raises a previous thread error."""
@@ -217,6 +265,7 @@ class AttentionWriter:
         try:
             self._queue.put(_STOP)
             self._thread.join()
+            _BLOSC.release()
             if self._state.error is not None:
                 status = "interrupted"
                 reason = reason or _describe_failure(self._state.error, self.path, self.stats.rows)
@@ -247,9 +296,22 @@ class AttentionWriter:
         self._raise_thread_error()
 
     def _put(self, item: Any) -> None:
-        self._queue.put(item)
         stats = self.stats
+        waited = False
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:  # the writer is behind: the eval waits (back-pressure), nothing is dropped
+            start = time.perf_counter()
+            self._queue.put(item)
+            stats.wait_seconds += time.perf_counter() - start
+            stats.waits += 1
+            waited = True
         stats.max_queue_depth = max(stats.max_queue_depth, self._queue.qsize())
+        if self.on_progress is not None:
+            now = time.monotonic()
+            if waited or now - self._last_progress >= PROGRESS_INTERVAL_S:
+                self._last_progress = now
+                self.on_progress(stats)
 
     def _raise_thread_error(self) -> None:
         err = self._state.error
@@ -290,15 +352,26 @@ class AttentionWriter:
             rollouts[i] = self._next_rollout[int(ep)]
             self._next_rollout[int(ep)] += 1
 
-        data = {var.name: _np(batch[var.name], var.numpy_dtype)[rows] for var in S.batch_variables(self.spec)}
+        take = None if rows.size == batch.batch_size else rows  # every row kept: no copy
+        data, prequantised = {}, set()
+        for var in S.batch_variables(self.spec):
+            value = batch[var.name]
+            if var.attention_codec and _is_uint16(value):  # quantised on the device (checked by _validate_batch)
+                data[var.name] = _rows(_np(value), take)
+                prequantised.add(var.name)
+            elif var.attention_codec:  # float: quantised below, in place, so always on a copy
+                data[var.name] = _np(value, var.numpy_dtype)[rows]
+            else:
+                data[var.name] = _rows(_np(value, var.numpy_dtype), take)
         attention_bytes = 4 * data[S.ATTENTION].size  # float32 bytes handed over, before encoding
         if self.spec.encoding in QUANTISED:  # checked before anything is resized: nothing half-written
             for var in S.batch_variables(self.spec):
-                if var.attention_codec:
+                if var.attention_codec and var.name not in prequantised:  # (the device checked its own)
                     _check_finite(var.name, data[var.name], episodes, env_steps)
             for var in S.batch_variables(self.spec):  # encoding: uint16 arrays get round(p * 65535)
                 if var.attention_codec and self._arrays[var.name].dtype == np.uint16:
-                    data[var.name] = _quantise_attention(data[var.name], self.spec)
+                    data[var.name] = _quantise_attention(data[var.name], self.spec,
+                                                         quantised=var.name in prequantised)
         data[S.ENV_STEP] = env_steps
         data[S.ROLLOUT] = rollouts
         self._append_rows(S.EPISODE, n0, data, episodes)
@@ -351,6 +424,11 @@ def _validate_batch(batch: InferenceBatch, spec: StoreSpec) -> None:
         shape, got = (b, *var.row_shape(spec)), tuple(np.shape(batch[var.name]))
         if got != shape:
             raise SchemaError(f"InferenceBatch.{var.name}: expected shape {shape}, got {got}")
+        if var.attention_codec and _is_uint16(batch[var.name]) and spec.encoding not in QUANTISED:
+            raise SchemaError(
+                f"InferenceBatch.{var.name} is already quantised (uint16), but this store keeps exact "
+                f"{spec.encoding}: hand over the probabilities"
+            )
 
 
 _NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
@@ -367,14 +445,76 @@ def _np(value: Any, dtype: Any = None) -> np.ndarray:
     return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
+def _is_uint16(value: Any) -> bool:
+    """Whether ``value`` (numpy array or torch tensor) holds uint16: attention quantised on the device."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype) in ("uint16", "torch.uint16")
+
+
+def _rows(values: np.ndarray, take: np.ndarray | None) -> np.ndarray:
+    return values if take is None else values[take]
+
+
+def default_encode_threads() -> int:
+    """Blosc threads per chunk by default: the cores this process may run on, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+class _BloscThreads:
+    """numcodecs' blosc thread settings while writers are open (process-wide, so counted and restored).
+
+    numcodecs compresses single-threaded off the main thread (zarr encodes in worker threads) unless
+    ``use_threads`` is True; then its global blosc context, with ``set_nthreads`` threads, serves every
+    call under one lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: list[int] = []
+        self._saved: tuple[Any, int] | None = None
+
+    def acquire(self, threads: int) -> None:
+        from numcodecs import blosc
+
+        with self._lock:
+            if not self._users:
+                self._saved = (blosc.use_threads, blosc.get_nthreads() if hasattr(blosc, "get_nthreads") else 1)
+            self._users.append(threads)
+            if max(self._users) > 1:
+                blosc.use_threads = True
+                blosc.set_nthreads(max(self._users))
+
+    def release(self) -> None:
+        from numcodecs import blosc
+
+        with self._lock:
+            if not self._users:
+                return
+            self._users.pop()
+            if self._users:
+                blosc.set_nthreads(max(self._users))
+            elif self._saved is not None:
+                use_threads, threads = self._saved
+                blosc.use_threads = use_threads
+                blosc.set_nthreads(threads)
+
+
+_BLOSC = _BloscThreads()
+
+
 def _committed_counts(episodes: np.ndarray) -> Counter:
     return Counter(int(e) for e in episodes if e != S.UNCOMMITTED)
 
 
-def _quantise_attention(values: np.ndarray, spec: StoreSpec) -> np.ndarray:
-    """uint16 round(p * 65535) of float32 rows the writer owns (overwritten); ``analysis`` re-quantises
-    each attention row within its checked bounds. (Version-1 stores, float32 arrays, are never passed.)"""
-    stored = quantise(values)
+def _quantise_attention(values: np.ndarray, spec: StoreSpec, *, quantised: bool = False) -> np.ndarray:
+    """uint16 round(p * 65535) of float32 rows the writer owns (overwritten), or ``values`` as they are when
+    already ``quantised`` (uint16 from the device); ``analysis`` re-quantises each attention row within its
+    checked bounds. (Version-1 stores, float32 arrays, are never passed.)"""
+    stored = values if quantised else quantise(values)
     if canonical_encoding(spec.encoding) == "analysis":
         from attnstore.store.codecs import analysis_quantise
 
