@@ -71,12 +71,17 @@ def device_sync(device: str):
     return lambda: None
 
 
-def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None) -> list[float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None, clock=time.perf_counter) -> list[float]:
     """Seconds per model run of a select_action loop (the queue-served calls are included).
 
     With ``writer`` given, the writer is drained between model runs outside the timed part, which
     isolates the recorder's own cost on the caller's thread from the writer thread's encoding.
     ``sync`` waits for the device (``torch.cuda.synchronize``) at both ends of each timed run.
+    ``clock``: wall time (default) or the calling thread's CPU time (``--clock cpu``, with ``--threads 1``
+    so that torch computes on this thread: immune to other jobs on a shared machine, blind to the writer).
     """
     policy.reset()
     n = policy.config.n_action_steps
@@ -85,11 +90,11 @@ def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None) -> 
         if writer is not None:
             writer.flush()
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(n):
             policy.select_action(batch)
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -158,7 +163,7 @@ def host_rss_gib() -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def measure(policy, batch, configs: dict, reps: int, inferences: int, sync) -> dict:
+def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, clock=time.perf_counter) -> dict:
     """Interleaved select_action loops per recorder configuration, into a real store per configuration.
 
     Returns per configuration: ``loop`` and ``caller`` (median seconds per model run, one per rep),
@@ -201,9 +206,11 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync) -> d
 
                     torch.cuda.reset_peak_memory_stats()
                 with rec if rec is not None else contextlib.nullcontext():
-                    loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync)))
+                    loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync, clock=clock)))
                     w = writers.get(name)
-                    caller[name].append(statistics.median(run_loop(policy, batch, inferences, writer=w, sync=sync)))
+                    caller[name].append(
+                        statistics.median(run_loop(policy, batch, inferences, writer=w, sync=sync, clock=clock))
+                    )
                 mem = memory[name]
                 mem["host"] = max(mem["host"], host_rss_gib()[0])
                 if cuda:
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: check compile_model=True with the recorder (first-call time, recompiles, actions vs eager)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall (default) or cpu: the loop thread's CPU time (use with --threads 1 on a shared "
+                             "machine; the writer thread's work is then not in 'loop')")
     args = parser.parse_args(argv)
     for name in ("reps", "inferences", "depth"):
         value = getattr(args, name)
@@ -353,11 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch_size:
         batch = make_batch(b, args.device)
         run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
-        result = measure(policy, batch, configs, args.reps, args.inferences, sync)
+        result = measure(policy, batch, configs, args.reps, args.inferences, sync, clock=CLOCKS[args.clock])
         print(
             f"tiny Pi0.5 ({depth} layers) on {where} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores), "
             f"B={b}, {args.reps} reps x {args.inferences} model runs x "
-            f"{policy.config.n_action_steps} select_action calls, configurations interleaved"
+            f"{policy.config.n_action_steps} select_action calls, configurations interleaved, {args.clock} clock"
         )
         print_table(result, configs, scale=1, unit="s")
     print("command: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py " + " ".join(sys.argv[1:]))
@@ -412,7 +422,7 @@ def bench_full_size(args) -> int:
         run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
         warmup_s = time.perf_counter() - started
         started = time.perf_counter()
-        result = measure(policy, batch, configs, args.reps, args.inferences, sync)
+        result = measure(policy, batch, configs, args.reps, args.inferences, sync, clock=CLOCKS[args.clock])
         measure_s = time.perf_counter() - started
         print(
             f"full-size Pi0.5 ({depth} layers{'' if depth == FULL_DEPTH else ', REDUCED: smoke run'}, "

@@ -189,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
           f"float32 ({args.layers} layers), back to back, {args.repeats} rounds, medians; {os.cpu_count()} cores "
           f"on this machine")
     head = f"{'variant':<28}" + "".join(f"{f'{c} core MB/s':>14}{'ratio':>7}{'per CPU-s':>11}{'ratio':>7}" for c in counts)
-    print(head + f"{'MB/row on disk':>16}")
+    print(head + f"{'MB/env on disk':>16}")
     for name in VARIANTS:
         cells = ""
         for c in counts:
             r, base = out[c][name], out[c]["previous"]
             cells += f"{r['mb_s']:>14.0f}{r['mb_s'] / base['mb_s']:>6.2f}x{r['mb_cpu_s']:>11.0f}{r['mb_cpu_s'] / base['mb_cpu_s']:>6.2f}x"
-        print(f"{name:<28}{cells}{out[counts[0]][name]['disk'] / args.batch_size:>16.2f}")
+        print(f"{name:<28}{cells}{out[counts[0]][name]['disk']:>16.2f}")
     print("MB/s: raw float32 equivalent per writer-thread busy second; per CPU-s: per CPU second of the process "
           "(all threads); ratio: to 'previous' at the same core count")
     print("command: .venv/bin/python bench/bench_writer.py " + " ".join(argv if argv is not None else sys.argv[1:]))

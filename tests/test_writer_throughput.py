@@ -188,29 +188,32 @@ def tiny3():
     return build_tiny_policy(tiny_config(dims=dims), seed=0, dims=dims)
 
 
-def record(policy, path: Path, *, staged, device="cpu", encoding="portable", layers="last:2"):
+def record(policy, path: Path, *, staged, device="cpu", encoding="portable", layers="last:2", inference_mode=False,
+           device_path=None):
     from attnstore.capture import AttentionRecorder
     from attnstore.capture.tiny import example_model_batch
 
     batch = {k: v.to(device) for k, v in example_model_batch(2).items()}
     batch["observation.language.attention_mask"][1, 10:] = False
+    mode = torch.inference_mode() if inference_mode else torch.no_grad()  # lerobot-eval: inference_mode
     with AttentionWriter(path) as writer, AttentionRecorder(policy, writer, layers=layers, encoding=encoding) as rec:
-        rec._stage_summaries = staged
-        policy.reset()
-        torch.manual_seed(0)
-        for _ in range(2 * policy.config.n_action_steps):
-            policy.select_action(batch)
-        rec.set_active([True, False])
-        for _ in range(policy.config.n_action_steps):
-            policy.select_action(batch)
+        rec._stage_summaries, rec._device_path = staged, device_path
+        with mode:
+            policy.reset()
+            torch.manual_seed(0)
+            for _ in range(2 * policy.config.n_action_steps):
+                policy.select_action(batch)
+            rec.set_active([True, False])
+            for _ in range(policy.config.n_action_steps):
+                policy.select_action(batch)
     return rec
 
 
 @pytest.mark.lerobot
 @pytest.mark.parametrize("encoding", ["portable", "float32"])
 def test_device_path_stores_what_the_cpu_path_stores(tiny3, tmp_path, encoding):
-    record(tiny3, tmp_path / "cpu.zarr", staged=False, encoding=encoding)
-    rec = record(tiny3, tmp_path / "dev.zarr", staged=True, encoding=encoding)
+    record(tiny3, tmp_path / "cpu.zarr", staged=False, encoding=encoding)  # the per-hook path
+    rec = record(tiny3, tmp_path / "dev.zarr", staged=True, device_path=True, encoding=encoding)  # CUDA's, on CPU
     assert rec._staging is not None and rec._staging.shape[2] == 3  # every layer staged: 2 stored, 3 summarised
     if encoding == "portable":
         assert rec._ring._buffers[0].attention.dtype == torch.int16  # quantised before the host copy
@@ -218,8 +221,26 @@ def test_device_path_stores_what_the_cpu_path_stores(tiny3, tmp_path, encoding):
     assert cpu.shape[0] == 5  # 2 + 2 + 1 kept rows
     np.testing.assert_array_equal(dev, cpu)
     a, b = open_attention(tmp_path / "cpu.zarr"), open_attention(tmp_path / "dev.zarr")
-    for name in ("summary_region_mass", "summary_entropy", "summary_grid", "images", "actions"):
+    for name in ("images", "actions"):
         np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=name)
+    for name in ("summary_region_mass", "summary_entropy", "summary_grid"):  # batched over layers or not
+        np.testing.assert_allclose(b[name].values.astype(np.float32), a[name].values.astype(np.float32),
+                                   rtol=2.0**-10, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.lerobot
+def test_staged_path_under_inference_mode_as_lerobot_eval_runs_it(tiny3, tmp_path):
+    """lerobot-eval wraps rollouts in torch.inference_mode(): the writer thread's deferred work must cope."""
+    rec = record(tiny3, tmp_path / "a.zarr", staged=None, inference_mode=True)  # summaries on the writer thread
+    assert rec._ring._buffers[0].staging is not None and rec._ring._buffers[0].attention.dtype == torch.float32
+    record(tiny3, tmp_path / "b.zarr", staged=False, inference_mode=True)
+    record(tiny3, tmp_path / "c.zarr", staged=True, device_path=True, inference_mode=True)
+    for other in ("b.zarr", "c.zarr"):
+        np.testing.assert_array_equal(stored_attention(tmp_path / "a.zarr"), stored_attention(tmp_path / other))
+    a, b = open_attention(tmp_path / "a.zarr"), open_attention(tmp_path / "b.zarr")
+    assert a.sizes["inference"] == 5
+    np.testing.assert_allclose(a.summary_entropy.values.astype(np.float32), b.summary_entropy.values.astype(np.float32),
+                               rtol=2.0**-10, atol=1e-7)
 
 
 @pytest.mark.lerobot
@@ -231,7 +252,7 @@ def test_device_path_with_summaries_off_stages_the_stored_layers_only(tiny3, tmp
     for staged in (False, True):
         with AttentionWriter(tmp_path / f"s{staged}.zarr") as writer, \
                 AttentionRecorder(tiny3, writer, layers=[0, 2], summary=False) as rec:
-            rec._stage_summaries = staged
+            rec._stage_summaries, rec._device_path = staged, staged
             tiny3.reset()
             torch.manual_seed(0)
             tiny3.select_action(batch)

@@ -64,7 +64,8 @@ class _Inference:
     copied: bool = False
     summary: SummaryBuffers | None = None  # per-layer summaries, on the policy's device
     valid: Any = None  # (B, K, R + 1) region one-hot + key validity on the device (SummaryPlan.key_valid)
-    staged: bool = False  # device path: hooks stage the layers on the device; summarised + quantised at the end
+    staged: bool = False  # hooks copy every hooked layer into a staging buffer; summarised once per run
+    device_path: bool = False  # ... and the stored layers are quantised where they are, at the end of the run
 
 
 class AttentionRecorder:
@@ -142,12 +143,19 @@ class AttentionRecorder:
         self._plan: SummaryPlan | None = None
         # expert layers with a hook: stored in full, summarised, or both (their order in the staging buffer)
         self._hooked = tuple(sorted(set(self.layers) | set(self.summary_layers)))
-        # The device path (None: on CUDA): each hook does one device copy into a staging buffer; once per
-        # model run the summaries come from it in a few kernels over all layers, and the stored layers are
-        # quantised to uint16 on the device before their one copy to the host. The CPU path (the default
-        # there) summarises in each hook and copies float32 (the writer quantises). Tests force both.
+        # The staged path (the default): each hook does one copy into a staging buffer, and once per model
+        # run the summaries come from it in a few kernels over all layers (SummaryPlan.expert).
+        # * The device path (CUDA): that runs on the device at the end of the run (one device buffer,
+        #   stream-ordered), and the stored layers are quantised there too (quantise_on_device), so only
+        #   uint16 crosses to the host, in one copy.
+        # * On the CPU the summaries run on the writer thread (the batch's ready callback; a staging buffer
+        #   per ring slot), so the inference thread pays one copy per hook; the stored layers are also
+        #   copied as float32 into the batch (the writer quantises, as before).
+        # _stage_summaries=False: the per-hook path (summaries in each hook; no staging memory).
+        # _device_path=True forces the device path on the CPU (tests: every line of it runs without CUDA).
         self._stage_summaries: bool | None = None
-        self._staging: Any = None
+        self._device_path: bool | None = None
+        self._staging: Any = None  # the device path's staging buffer
 
     # ---- public API --------------------------------------------------------------------------------
     def __enter__(self) -> AttentionRecorder:
@@ -295,7 +303,9 @@ class AttentionRecorder:
                     f"(B, H, {expected[0]}, {expected[1]}); is this a {self.adapter.label} with an unexpected input?"
                 )
             if run.staged:
-                self._staging_for(probs)[:, run.slot, staged_slot].copy_(probs)
+                self._staging_for(run, probs)[:, run.slot, staged_slot].copy_(probs)
+                if not run.device_path and layer_slot >= 0:  # CPU: the float32 rows go to the writer as they are
+                    run.buffers.attention[:, run.slot, layer_slot].copy_(probs)
             else:
                 if layer_slot >= 0:
                     run.buffers.attention[:, run.slot, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
@@ -346,17 +356,20 @@ class AttentionRecorder:
                 self._plan = SummaryPlan(self.spec.layout, tokens.device)
             summary = SummaryBuffers.allocate(self.spec, b, tokens.device)
             valid = self._plan.key_valid(mask_tensor.detach())
-        staged = self._stage_summaries if self._stage_summaries is not None else tokens.device.type == "cuda"
+        staged = True if self._stage_summaries is None else self._stage_summaries
+        device_path = staged and (tokens.device.type == "cuda" if self._device_path is None else self._device_path)
+        staged = staged and (device_path or summary is not None)  # CPU without summaries: nothing to stage
         run = _Inference(
             episodes=episodes,
             env_step=self.episodes.env_step,
             keep=keep,
-            buffers=self._next_buffers(b, tokens.device, staged),
+            buffers=self._next_buffers(b, tokens.device, device_path),
             language=(np.where(mask, ids, S.LANGUAGE_PAD_ID).astype(np.int32), mask),
             state=batch[OBS_STATE] if S.STATE in self.spec.extra_shapes else None,
             summary=summary,
             valid=valid,
             staged=bool(staged),
+            device_path=bool(device_path),
         )
         self._current = run
         return run
@@ -398,13 +411,13 @@ class AttentionRecorder:
                 f"one store holds one layout: write another store"
             )
 
-    def _next_buffers(self, b: int, device, staged: bool = False) -> HostBuffers:
+    def _next_buffers(self, b: int, device, device_path: bool = False) -> HostBuffers:
         import torch
 
         spec = self.spec
         shape = (b, *spec.attention_shape_per_inference)
         pshape = (b, *spec.prefix_attention_shape_per_inference) if spec.prefix_layers else None
-        dtype = torch.int16 if staged and spec.encoding in QUANTISED else torch.float32
+        dtype = torch.int16 if device_path and spec.encoding in QUANTISED else torch.float32
         return self._ring.take(shape, pshape, device, self.inferences, getattr(self.writer, "pending", None), dtype)
 
     def _finish(self, run: _Inference, actions) -> None:
@@ -422,9 +435,11 @@ class AttentionRecorder:
                 "through its self_attn modules (is this lerobot 0.6.1's Pi0.5?)"
             )
         cuda = actions.is_cuda
-        attention, nonfinite = run.buffers.attention, None
-        if run.staged:
+        attention, nonfinite, deferred = run.buffers.attention, None, None
+        if run.device_path:
             attention, nonfinite = self._from_staging(run, cuda)
+        elif run.staged and run.summary is not None:  # the summaries run on the writer thread, before it reads
+            deferred = self._deferred(run)
         small = {"times": torch.cat(run.times).float()}
         if run.state is not None:
             small["state"] = run.state.float()
@@ -445,6 +460,8 @@ class AttentionRecorder:
             times, ready = None, ready_after(event, host["times"], spec, nonfinite, (run.episodes, run.env_step))
         elif nonfinite is not None:
             check_finite_flags(nonfinite, run.episodes, run.env_step)
+        if deferred is not None:
+            ready = deferred
         ids, mask = run.language
         texts = self._token_text(ids, mask) if self._token_text is not None else np.full(ids.shape, "", dtype=str)
         b = len(run.episodes)
@@ -467,29 +484,55 @@ class AttentionRecorder:
         self.writer.append(batch)
         self.inferences += 1
 
-    def _staging_for(self, probs):
-        """The device buffer (B, D, hooked layers, H, Q, K) in the probabilities' dtype, reused across runs
-        (stream order keeps a run's reads of it before the next run's copies)."""
+    def _staging_for(self, run: _Inference, probs):
+        """The staging buffer (B, D, hooked layers, H, Q, K) in the probabilities' dtype. On CUDA one device
+        buffer reused across runs (stream order keeps a run's reads of it before the next run's copies); on
+        the CPU the run's ring slot's own (the writer thread reads it after the run)."""
         import torch
 
         shape = (probs.shape[0], len(self.spec.denoise_steps), len(self._hooked), *probs.shape[1:])
-        buf = self._staging
-        if buf is None or tuple(buf.shape) != shape or buf.dtype != probs.dtype or buf.device != probs.device:
-            self._staging = buf = torch.empty(shape, dtype=probs.dtype, device=probs.device)
-        return buf
+
+        def fits(buf) -> bool:
+            return buf is not None and tuple(buf.shape) == shape and buf.dtype == probs.dtype and buf.device == probs.device
+
+        if run.device_path:
+            if not fits(self._staging):
+                self._staging = torch.empty(shape, dtype=probs.dtype, device=probs.device)
+            return self._staging
+        if not fits(run.buffers.staging):
+            run.buffers.staging = torch.empty(shape, dtype=probs.dtype)
+        return run.buffers.staging
+
+    def _deferred(self, run: _Inference) -> Callable[[], None]:
+        """The CPU staged path's work for the writer thread: the summaries of every layer of the run."""
+
+        def ready() -> None:
+            import torch
+
+            # lerobot-eval runs the policy under torch.inference_mode(): the run's tensors are inference
+            # tensors, which only accept in-place writes inside inference mode (on this thread too)
+            with torch.inference_mode():
+                self._summarise(run, run.buffers.staging)
+
+        return ready
+
+    def _summarise(self, run: _Inference, staging) -> None:
+        """The summaries of every layer from the staging buffer: a few kernels per denoise step, all layers at once."""
+        if run.summary is None or run.summary.region_mass is None:
+            return
+        summarised = _positions(self._hooked, self.spec.summary_layers, staging.device)
+        for d in range(staging.shape[1]):
+            probs = staging[:, d] if summarised is None else staging[:, d].index_select(1, summarised)
+            _put_summary(run.summary, (slice(None), d), self._plan.expert(probs, run.valid))
 
     def _from_staging(self, run: _Inference, cuda: bool):
-        """Device path, once per model run: the summaries of every layer (a few kernels per denoise step
-        over all layers at once) and the stored layers, quantised on the device and copied to the host
-        once. Returns (host attention for the batch, host non-finite flags or None)."""
+        """Device path, once per model run: the summaries of every layer and the stored layers, quantised on
+        the device and copied to the host once. Returns (host attention for the batch, host non-finite
+        flags or None)."""
         import torch
 
         spec, staging = self.spec, self._staging
-        if run.summary is not None and run.summary.region_mass is not None:
-            summarised = _positions(self._hooked, spec.summary_layers, staging.device)
-            for d in range(staging.shape[1]):
-                probs = staging[:, d] if summarised is None else staging[:, d].index_select(1, summarised)
-                _put_summary(run.summary, (slice(None), d), self._plan.expert(probs, run.valid))
+        self._summarise(run, staging)
         stored = _positions(self._hooked, spec.layers, staging.device)
         att = staging if stored is None else staging.index_select(2, stored)
         host = run.buffers.attention
@@ -498,7 +541,7 @@ class AttentionRecorder:
             return host, None
         bits, bad = quantise_on_device(att)
         host.copy_(bits, non_blocking=cuda)
-        return host.view(torch.uint16), to_host(bad, cuda)
+        return _host_attention(run.buffers), to_host(bad, cuda)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -509,6 +552,14 @@ def _put_summary(out: SummaryBuffers, index: tuple, summary: tuple[Any, Any, Any
     out.entropy[index].copy_(ent)
     if out.grid is not None:
         out.grid[index].copy_(grid)
+
+
+def _host_attention(buffers: HostBuffers):
+    """What the batch hands over: the float32 host buffer, or the uint16 view of the int16 one."""
+    import torch
+
+    att = buffers.attention
+    return att.view(torch.uint16) if att.dtype == torch.int16 else att
 
 
 def _positions(hooked: tuple[int, ...], wanted: tuple[int, ...], device):

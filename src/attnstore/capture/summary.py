@@ -28,6 +28,7 @@ functions are plain torch, so they run where the model runs (CUDA or CPU) and co
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +56,9 @@ class SummaryPlan:
         index = torch.cat([torch.arange(c.start, c.stop) for c in cams]) if cams else torch.zeros(0, dtype=torch.long)
         self.camera_keys = index.to(self.device)  # key positions of the present cameras' patches, in order
         self.language = layout.region_slice("language")
-        self._scratch: Any = None  # the log's buffer, reused hook after hook (an allocation costs a pass)
+        # the log's buffer, reused call after call (an allocation costs a pass); one per thread: the CPU
+        # staged path summarises on the writer thread while prefix hooks may run on the inference thread
+        self._scratch = threading.local()
 
     def key_valid(self, language_mask) -> tuple[Any, Any]:
         """Per batch row, on the device: (B, K, R + 1) float32 region one-hot with the key validity as
@@ -95,11 +98,11 @@ class SummaryPlan:
         return _mass_entropy(p, weights[:, :n], valid[:, :n], self._buffer(p))
 
     def _buffer(self, like):
-        buf = self._scratch
+        buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.shape != like.shape or buf.device != like.device:
             import torch
 
-            self._scratch = buf = torch.empty_like(like, dtype=torch.float32)
+            self._scratch.buf = buf = torch.empty_like(like, dtype=torch.float32)
         return buf
 
 

@@ -374,6 +374,8 @@ class AttentionWriter:
                                                          quantised=var.name in prequantised)
         data[S.ENV_STEP] = env_steps
         data[S.ROLLOUT] = rollouts
+        if self.encode_threads > 1:  # few chunks: blosc's threads in each; many: one zarr pool thread per chunk
+            _BLOSC.intra(rows.size < self.encode_threads)
         self._append_rows(S.EPISODE, n0, data, episodes)
         self._rows = n
         self.stats.rows += rows.size
@@ -469,7 +471,9 @@ class _BloscThreads:
 
     numcodecs compresses single-threaded off the main thread (zarr encodes in worker threads) unless
     ``use_threads`` is True; then its global blosc context, with ``set_nthreads`` threads, serves every
-    call under one lock.
+    call under one lock. So: a write of fewer chunks than threads (B = 1: one attention chunk) compresses
+    each chunk with blosc's threads (:meth:`intra` True); a write of many chunks (B >= threads) lets zarr
+    compress them side by side in its thread pool, one thread each, without the lock (:meth:`intra` False).
     """
 
     def __init__(self) -> None:
@@ -485,8 +489,15 @@ class _BloscThreads:
                 self._saved = (blosc.use_threads, blosc.get_nthreads() if hasattr(blosc, "get_nthreads") else 1)
             self._users.append(threads)
             if max(self._users) > 1:
-                blosc.use_threads = True
                 blosc.set_nthreads(max(self._users))
+
+    def intra(self, on: bool) -> None:
+        """Blosc's own threads for the next writes (True), or zarr's chunk-level parallelism (False)."""
+        from numcodecs import blosc
+
+        with self._lock:
+            if self._users and self._saved is not None:
+                blosc.use_threads = True if on else self._saved[0]
 
     def release(self) -> None:
         from numcodecs import blosc
