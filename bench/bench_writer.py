@@ -10,14 +10,15 @@ same ``--rows`` model runs (B = ``--batch-size``, 10 denoise x ``--layers`` laye
 (the writer is the bottleneck, as it would be behind a GPU), in rotating order over ``--repeats`` rounds:
 
 * ``previous``: float32 handed over, the writer thread quantises (``schema.encoding.quantise``), copies the
-  kept rows, checks finiteness, zarr compares every chunk with the fill value, blosc single-threaded;
+  kept rows, checks finiteness, zarr compares every chunk with the fill value, blosc single-threaded with
+  its automatic block size;
 * ``current, float32 in``: the same float32 hand-over (the CPU recorder's path) on the current writer:
   no fill-value pass, no row copy when every row is kept, blosc on ``encode_threads`` = the cores;
 * ``current, uint16 in``: attention quantised on the device (the recorder's CUDA path): the writer only
   compresses and writes;
-* ``+ blosc blocksize 1 MiB``: the same with the portable codec's blosc ``blocksize`` set to 1 MiB instead
-  of blosc's automatic choice (small blocks for zstd level 1): a codec parameter the reader never needs
-  (the frames say it), proposed for ``schema/encoding.py``; same bytes decode, slightly smaller files.
+* ``uint16 in, blosc automatic blocksize``: the same with blosc's automatic block size (small blocks for
+  zstd level 1, as ``previous`` and every store before ``schema.encoding.BLOSC_BLOCKSIZE``) instead of the
+  current 1 MiB: a codec parameter the reader never needs (the frames say it); the two differ only in it.
 
 Reported per variant and core count (medians over rounds): writer MB/s of raw float32 equivalent (float32
 bytes / writer-thread busy time), the same per CPU-second of the process (``time.process_time``: every
@@ -45,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/synthetic.py
 POOL = 4
-VARIANTS = ("previous", "current, float32 in", "current, uint16 in", "+ blosc blocksize 1 MiB")
+VARIANTS = ("previous", "current, float32 in", "current, uint16 in", "uint16 in, blosc automatic blocksize")
 
 
 def bench_spec(layers: int):
@@ -74,8 +75,8 @@ def variant_settings(name: str, cores: int):
     threads = 1 if name == "previous" else cores
     if name == "previous":
         W.ARRAY_CONFIG = {}
-    if name.startswith("+ blosc blocksize"):
-        schema.attention_codecs = _with_blocksize(saved_codecs, 1 << 20)
+    if name == "previous" or name.endswith("automatic blocksize"):  # blocksize 0: blosc's choice, as before
+        schema.attention_codecs = _with_blocksize(saved_codecs, 0)
     try:
         yield threads
     finally:
@@ -188,14 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AttentionWriter throughput: {args.rows} model runs x B={args.batch_size} x {mb_row / args.batch_size:.1f} MB "
           f"float32 ({args.layers} layers), back to back, {args.repeats} rounds, medians; {os.cpu_count()} cores "
           f"on this machine")
-    head = f"{'variant':<28}" + "".join(f"{f'{c} core MB/s':>14}{'ratio':>7}{'per CPU-s':>11}{'ratio':>7}" for c in counts)
+    head = f"{'variant':<38}" + "".join(
+        f"{f'{c} core MB/s':>14}{'ratio':>7}{'per CPU-s':>11}{'ratio':>7}" for c in counts)
     print(head + f"{'MB/env on disk':>16}")
     for name in VARIANTS:
         cells = ""
         for c in counts:
             r, base = out[c][name], out[c]["previous"]
             cells += f"{r['mb_s']:>14.0f}{r['mb_s'] / base['mb_s']:>6.2f}x{r['mb_cpu_s']:>11.0f}{r['mb_cpu_s'] / base['mb_cpu_s']:>6.2f}x"
-        print(f"{name:<28}{cells}{out[counts[0]][name]['disk']:>16.2f}")
+        print(f"{name:<38}{cells}{out[counts[0]][name]['disk']:>16.2f}")
     print("MB/s: raw float32 equivalent per writer-thread busy second; per CPU-s: per CPU second of the process "
           "(all threads); ratio: to 'previous' at the same core count")
     print("command: .venv/bin/python bench/bench_writer.py " + " ".join(argv if argv is not None else sys.argv[1:]))

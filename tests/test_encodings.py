@@ -4,8 +4,10 @@
 * ``compact`` decodes to exactly the integers ``portable`` stores, and is smaller (>= 2x on a real capture
   of the tiny Pi0.5, whose denoise steps are correlated; not on tests/synthetic.py's i.i.d. noise, where
   it must merely not be larger);
+* ``compact`` chunks of format 1 (the first codec's, built by hand) still decode; format 2 (a table of the
+  distinct values, then their ranks) is exact and used only for few distinct values;
 * ``analysis`` meets its bounds as the readers compute them (region shares, entropy, top-5 patches,
-  row sums, zeros);
+  row sums, zeros) and is >= 1.5x smaller than portable even on the i.i.d. synthetic noise;
 * crc32c catches a damaged chunk; schema-1 stores still open and append;
 * the readers take a plain ``xr.open_zarr`` dataset; ``drop_encoding()`` makes it exportable to zarr v2.
 """
@@ -102,6 +104,47 @@ def test_compact_is_at_least_twice_smaller_on_a_tiny_pi05_capture(tmp_path):
     assert sizes["portable"] >= 2 * sizes["compact"], sizes
 
 
+def test_a_format_1_compact_chunk_still_decodes():
+    """Chunk bytes as the first compact codec wrote them (built here by hand: header b"AP", 1, order 1, then a
+    blosc frame of the zigzag first differences along denoise), and its stored configuration."""
+    from numcodecs import Blosc
+
+    from attnstore.store.codecs import DenoisePredictCodec, decode_chunk
+
+    x = np.array([[[10, 20, 30, 40], [12, 19, 30, 41], [12, 18, 33, 41]]], np.uint16)  # (1, denoise 3, 4)
+    zigzag = np.array([[[20, 40, 60, 80], [4, 1, 0, 2], [0, 1, 6, 0]]], "<u2")  # x0; +2 -1 0 +1; 0 -1 +3 0
+    frame = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE).encode(zigzag)
+    np.testing.assert_array_equal(decode_chunk(b"AP\x01\x01" + bytes(frame), x.shape), x)
+    stored = {"name": "attnstore.denoise_predict", "configuration": {"axis": 1, "clevel": 1}}
+    old = DenoisePredictCodec.from_dict(stored)
+    assert old.dictionary is False and old.to_dict()["configuration"] == {"axis": 1, "clevel": 1}
+
+
+@pytest.mark.parametrize("distinct", [3, 5000])
+def test_the_value_table_format_is_exact_and_used_only_for_few_values(tmp_path, distinct):
+    from attnstore.store.codecs import DenoisePredictCodec
+
+    rng = np.random.default_rng(distinct)
+    table = rng.choice(65536, size=distinct, replace=False).astype(np.uint16)
+    x = table[rng.integers(0, distinct, size=(2, 4, 3, 2000))]
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=x.shape, chunks=(1, 4, 3, 2000), dtype=np.uint16,
+                            serializer=DenoisePredictCodec(dictionary=True), compressors=None)
+    arr[...] = x
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...], x)
+    chunk = (tmp_path / "a.zarr" / "c" / "0" / "0" / "0" / "0").read_bytes()
+    assert chunk[:3] == (b"AP\x02" if distinct <= 4096 else b"AP\x01")
+
+
+def test_a_damaged_value_table_is_a_one_line_error():
+    from attnstore.store.codecs import decode_chunk, encode_chunk
+
+    x = np.array([[[0, 700, 65535]], [[0, 700, 700]]], np.uint16)
+    data = bytearray(encode_chunk(x, dictionary=True))
+    data[4:8] = (10**6).to_bytes(4, "little")  # more values than the format allows
+    with pytest.raises(ValueError, match="value table"):
+        decode_chunk(bytes(data), x.shape)
+
+
 def analysis_errors(reference: xr.Dataset, got: xr.Dataset) -> dict[str, float]:
     """The analysis grade's figures, computed with the readers, per attention row."""
     out = {
@@ -134,7 +177,8 @@ def test_analysis_meets_its_bounds_on_synthetic_maps(tmp_path):
     assert err["row_sum"] <= ANALYSIS_BOUNDS["row_sum"], err
     assert err["top5_identical"] >= 0.99, err
     assert err["masked_nonzero"] == 0, err
-    assert directory_bytes(paths["analysis"] / S.ATTENTION) < directory_bytes(paths["portable"] / S.ATTENTION)
+    # i.i.d. noise on every element: measured 1.6x (bench/bench_encoding.py); the old grade reached 1.43x
+    assert directory_bytes(paths["portable"] / S.ATTENTION) >= 1.5 * directory_bytes(paths["analysis"] / S.ATTENTION)
 
 
 def test_crc32c_detects_a_damaged_chunk(tmp_path):
