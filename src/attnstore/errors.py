@@ -34,3 +34,7 @@ class EvalConfigError(AttnStoreError):
 
 class SelectionError(AttnStoreError):
     """A requested slice that is not in the store (episode, env step, layer, denoise step, camera, ...)."""
+
+
+class StoreDamagedError(StoreError):
+    """A chunk of committed rows that is absent, truncated or fails its checksum (the store is damaged)."""

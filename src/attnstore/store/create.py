@@ -152,6 +152,7 @@ def _create_arrays(group, spec: StoreSpec) -> None:
             dtype=dtype,
             fill_value=var.fill,
             dimension_names=list(var.dims),
+            config={"write_empty_chunks": True},  # every chunk exists: an absent one is damage (integrity.py)
             **codecs,
         )
         attrs = dict(var.attrs)

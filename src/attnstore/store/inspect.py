@@ -27,7 +27,7 @@ STATUS_TEXT = {
 def inspect_store(source: Any, storage_options: Mapping[str, Any] | None = None) -> str:
     """The summary of one store (a local path, an fsspec URL or a zarr Store)."""
     from attnstore.store.location import locate
-    from attnstore.store.open import RUN_ATTR, STATUS_ATTR, episode_table, open_attention, read_spec, spec_of
+    from attnstore.store.open import RUN_ATTR, STATUS_ATTR, STATUS_REASON_ATTR, episode_table, open_attention, read_spec, spec_of
 
     loc = locate(source, storage_options)
     path = loc.name
@@ -45,6 +45,8 @@ def inspect_store(source: Any, storage_options: Mapping[str, Any] | None = None)
 
     out = [f"Attention store: {path}"]
     out.append(f"  status:       {STATUS_TEXT.get(status, status)}")
+    if ds.attrs.get(STATUS_REASON_ATTR):
+        out.append(f"  reason:       {ds.attrs[STATUS_REASON_ATTR]}")
     size = loc.size_bytes()
     out.append(f"  size on disk: {'unknown' if size is None else human_bytes(size)}")
     out.append(f"  encoding:     {spec.encoding} (max abs error {S.MAX_ABS_ERROR[spec.encoding]:.2g})")

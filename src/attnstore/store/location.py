@@ -45,7 +45,16 @@ class Location:
         return self.path is not None
 
     def store(self, *, read_only: bool = True):
-        """The zarr Store for this location."""
+        """The zarr Store for this location; for reading, a :class:`~attnstore.store.integrity.CheckedStore`
+        (damaged chunks raise one-line errors instead of decoding into numbers)."""
+        store = self._raw_store(read_only)
+        if not read_only:
+            return store
+        from attnstore.store.integrity import CheckedStore
+
+        return store if isinstance(store, CheckedStore) else CheckedStore(store, self.name)
+
+    def _raw_store(self, read_only: bool):
         if self.store_object is not None:
             return self.store_object
         from zarr.storage import FsspecStore, LocalStore
@@ -164,7 +173,7 @@ def _get_bytes(location: Location, key: str) -> bytes | None:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    store = location.store()
+    store = location._raw_store(read_only=True)
     try:
         buf = sync(store.get(key, prototype=default_buffer_prototype()))
     except FileNotFoundError:

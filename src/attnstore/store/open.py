@@ -24,6 +24,7 @@ from attnstore.store.location import Location, Source, describe_failure, locate
 SPEC_ATTR = "attnstore_spec"  # ds.attrs key holding the StoreSpec dict
 RUN_ATTR = "attnstore_run"  # ds.attrs key holding the run info (policy, task, lerobot version, ...)
 STATUS_ATTR = "attnstore_status"  # "writing" (or killed), "closed", "interrupted"
+STATUS_REASON_ATTR = "attnstore_status_reason"  # why (interrupted: the error), only when the writer gave one
 _ATTENTION_VARS = tuple(v.name for v in S.VARIABLES if v.attention_codec)  # attention, prefix_attention
 
 
@@ -46,8 +47,9 @@ def open_attention(
     loc = locate(source, storage_options)
     spec, info, root = _read_root(loc)
     consolidated = bool(root.get("consolidated_metadata"))
-    store = loc.path if loc.is_local else loc.store()
+    store = loc.store()  # a CheckedStore: damaged chunks of committed rows raise StoreDamagedError
     try:
+        store.arm(consolidated)  # the commit markers: which absent chunks are a killed run's tail
         if not consolidated and not _even_lengths(store):
             # a store of an older attnstore killed mid-append (newer ones keep a consistent snapshot)
             ds = _open_uneven(store, chunks)
@@ -65,6 +67,8 @@ def open_attention(
     ds = ds.assign_coords({c: ds[c].load() for c in small})  # tiny; eager so .where/.sel on them is cheap
     ds = ds.set_xindex([S.EPISODE, S.ROLLOUT])
     ds.attrs = {SPEC_ATTR: spec.to_dict(), RUN_ATTR: info.get("run", {}), STATUS_ATTR: info.get("status")}
+    if info.get("status_reason"):
+        ds.attrs[STATUS_REASON_ATTR] = info["status_reason"]
     return ds
 
 

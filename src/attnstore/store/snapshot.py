@@ -8,6 +8,12 @@ once per commit, after the data and the commit marker, in one atomic file replac
 shapes of the last finished commit, all equal, whatever moment a kill hit.
 
 The snapshot is kept in memory (shapes change, nothing else does), so a commit costs one small JSON write.
+
+A full disk must not leave a store ``writing`` for ever: while the writer runs, a reserve file
+(:data:`RESERVE`, a few times the root metadata's size) holds space in the store's folder, and :meth:`Snapshot.finish`
+deletes it before the last write, so the final status (``interrupted`` with the reason) fits even when the run
+filled the disk to the last byte. A killed run leaves it behind; the next writer of the store rewrites it and the
+next finish removes it; readers never look at it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Any
 from attnstore.schema import ROOT_ATTR
 
 ROOT_META = "zarr.json"
+RESERVE = ".attnstore-reserve"  # space for the final status write (see the module docstring)
+RESERVE_MIN_BYTES = 256 * 1024
 
 
 def consolidate(target: Any) -> None:
@@ -40,12 +48,21 @@ class Snapshot:
         consolidate(self.path)
         self._root: dict[str, Any] = json.loads((self.path / ROOT_META).read_text())
         self._arrays: dict[str, Any] = self._root["consolidated_metadata"]["metadata"]
+        reserve_bytes(self.path / RESERVE, max(RESERVE_MIN_BYTES, 4 * len(self._dumps())))
 
     def commit(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Record the arrays' new shapes and replace the root ``zarr.json`` atomically."""
+        """Record the arrays' new shapes and replace the root ``zarr.json`` atomically. When the write fails
+        (a full disk) the snapshot keeps the previous shapes: what readers saw last, and what the writer's
+        error message counts, is what :meth:`finish` writes."""
+        before = {name: self._arrays[name]["shape"] for name in shapes}
         for name, shape in shapes.items():
             self._arrays[name]["shape"] = list(shape)
-        self._write()
+        try:
+            self._write()
+        except BaseException:
+            for name, shape in before.items():
+                self._arrays[name]["shape"] = shape
+            raise
 
     def finish(self, status: str, reason: str | None = None) -> None:
         """The store's final status (``closed``, ``interrupted``) and why (``status_reason``, when given),
@@ -56,9 +73,25 @@ class Snapshot:
             attrs.pop("status_reason", None)
         else:
             attrs["status_reason"] = str(reason)
+        (self.path / RESERVE).unlink(missing_ok=True)  # its space is what this write needs on a full disk
         self._write()
+
+    def _dumps(self) -> str:
+        return json.dumps(self._root, separators=(",", ":"))
 
     def _write(self) -> None:
         tmp = self.path / f".{ROOT_META}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self._root, indent=2))
-        os.replace(tmp, self.path / ROOT_META)
+        try:
+            tmp.write_text(self._dumps())
+            os.replace(tmp, self.path / ROOT_META)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: no half-written leftover (the last snapshot stays valid)
+            raise
+
+
+def reserve_bytes(file: Path, size: int) -> None:
+    """Hold ``size`` bytes of disk in ``file`` (written, not sparse: a sparse file would reserve nothing)."""
+    with open(file, "wb") as f:
+        f.write(b"\0" * size)
+        f.flush()
+        os.fsync(f.fileno())
