@@ -350,3 +350,16 @@ def test_real_layout_uint16_store(tmp_path):
         for layer in range(2):
             got = (top.patch_row.values[i, 0, layer, 0], top.patch_col.values[i, 0, layer, 0])
             assert max(abs(got[0] - want[0]), abs(got[1] - want[1])) <= 1, (episode, rollout, layer, got, want)
+
+
+def test_package_names_are_the_analyses_not_their_modules():
+    """``readers/aggregate.py`` shares its name with the function: the package must hand out the function,
+    also after the submodule was imported explicitly (a fresh interpreter, so nothing is cached)."""
+    import subprocess
+    import sys
+
+    code = ("import attnstore.readers.aggregate, attnstore.readers.regions\n"
+            "from attnstore.readers import aggregate, entropy, region_shares\n"
+            "assert callable(aggregate) and callable(entropy) and callable(region_shares), (aggregate, entropy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

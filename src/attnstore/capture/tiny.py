@@ -17,163 +17,48 @@ A tiny checkpoint is a normal ``--policy.path`` directory plus a marker file
 tokenizer (:mod:`attnstore.capture.tokenizer`). Without the patches, ``from_pretrained`` on it would
 only warn and return a random FULL-SIZE model: the weight check of :mod:`attnstore.capture.checkpoint`
 turns that trap into a one-line :class:`~attnstore.errors.CaptureError`.
+
+Here: the patches and the building; the sizes are :mod:`attnstore.capture.tiny_dims`, the marker
+:mod:`attnstore.capture.tiny_marker` (their names importable from here, as before).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnstore.capture.tiny_dims import (
+    IMAGE_KEY_PREFIX,
+    LIBERO_ACTION_DIM,
+    LIBERO_CAMERAS,
+    LIBERO_STATE_DIM,
+    TinyDims,
+)
+from attnstore.capture.tiny_marker import (
+    MARKER_NAME,
+    TOKENIZER_DIRNAME,
+    is_tiny_checkpoint,
+    read_marker,
+    read_tiny_dims,
+    tiny_depths,
+    tiny_policy_type,
+    tokenizer_dir,
+)
 from attnstore.capture.tokenizer import local_tokenizer_step, write_offline_tokenizer
 from attnstore.errors import CaptureError
 
-MARKER_NAME = "attnstore_tiny.json"
-TOKENIZER_DIRNAME = "tokenizer"
-LIBERO_CAMERAS = ("image", "image2")
-IMAGE_KEY_PREFIX = "observation.images."
-LIBERO_STATE_DIM = 8
-LIBERO_ACTION_DIM = 7
+__all__ = [
+    "IMAGE_KEY_PREFIX", "LIBERO_ACTION_DIM", "LIBERO_CAMERAS", "LIBERO_STATE_DIM", "MARKER_NAME", "TINY_TYPES",
+    "TOKENIZER_DIRNAME", "TinyDims", "build_tiny_policy", "example_model_batch", "is_tiny_checkpoint",
+    "make_tiny_policy", "paligemma_patches", "read_marker", "read_tiny_dims", "tiny_config", "tiny_depths",
+    "tiny_model_patches", "tiny_policy_type", "tokenizer_dir",
+]
+
 TINY_TYPES = ("pi05", "pi0", "smolvla")  # policy types make_tiny_policy builds
-
-
-@dataclass(frozen=True)
-class TinyDims:
-    """Sizes of the tiny Pi0.5. VLM and expert must share depth, head_dim and KV heads (lerobot's
-    joint attention concatenates their queries/keys); 8 heads are hard-coded in lerobot's reshapes.
-
-    >>> TinyDims().siglip_tokens_per_camera
-    256
-    >>> TinyDims(num_heads=4)
-    Traceback (most recent call last):
-    ...
-    attnstore.errors.CaptureError: tiny Pi0.5: num_heads must be 8 (lerobot reshapes attention to 8 heads), got 4
-    """
-
-    depth: int = 2
-    num_heads: int = 8
-    num_kv_heads: int = 1
-    head_dim: int = 16
-    vlm_width: int = 64
-    vlm_mlp_dim: int = 128
-    expert_width: int = 32
-    expert_mlp_dim: int = 64
-    siglip_width: int = 32
-    siglip_mlp_dim: int = 64
-    siglip_layers: int = 1
-    siglip_heads: int = 2
-    image_size: int = 224
-    patch_size: int = 14
-
-    def __post_init__(self) -> None:
-        if self.num_heads != 8:
-            raise CaptureError(
-                f"tiny Pi0.5: num_heads must be 8 (lerobot reshapes attention to 8 heads), got {self.num_heads}"
-            )
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise CaptureError(f"tiny Pi0.5: {f.name} must be >= 1, got {getattr(self, f.name)}")
-        if self.image_size % self.patch_size:
-            raise CaptureError(
-                f"tiny Pi0.5: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if self.siglip_width % self.siglip_heads:
-            raise CaptureError(
-                f"tiny Pi0.5: siglip_width {self.siglip_width} not divisible by siglip_heads {self.siglip_heads}"
-            )
-
-    @property
-    def siglip_tokens_per_camera(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def gemma_config(self, variant: str, modeling_pi05: Any = None):
-        """lerobot's ``GemmaConfig`` for a variant name, shrunk (``gemma_2b`` = VLM, ``gemma_300m`` = expert).
-
-        ``modeling_pi05``: the lerobot module whose ``GemmaConfig`` to use (Pi0.5's by default, Pi0's for Pi0).
-        """
-        if modeling_pi05 is None:
-            from lerobot.policies.pi05 import modeling_pi05
-
-        widths = {
-            "gemma_2b": (self.vlm_width, self.vlm_mlp_dim),
-            "gemma_300m": (self.expert_width, self.expert_mlp_dim),
-        }
-        if variant not in widths:
-            raise ValueError(f"Unknown variant: {variant}")
-        width, mlp_dim = widths[variant]
-        return modeling_pi05.GemmaConfig(
-            width=width,
-            depth=self.depth,
-            mlp_dim=mlp_dim,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-        )
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TinyDims:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: int(v) for k, v in data.items() if k in names})
-
-
-# ---- detection --------------------------------------------------------------------------------
-def is_tiny_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a directory written by :func:`make_tiny_policy` (it holds the marker)."""
-    return (Path(path) / MARKER_NAME).is_file()
-
-
-def read_marker(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A tiny checkpoint's marker (its policy type, dims, cameras, seed), or a one-line error."""
-    marker = Path(path) / MARKER_NAME
-    try:
-        data = json.loads(marker.read_text())
-        if not isinstance(data, dict) or not isinstance(data["dims"], dict):
-            raise TypeError("not a marker object")
-        return data
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CaptureError(
-            f"{marker} is unreadable ({type(exc).__name__}: {exc}); rebuild it with "
-            f"'attnstore make-tiny-policy {Path(path)}'"
-        ) from exc
-
-
-def tiny_policy_type(path: str | os.PathLike[str]) -> str:
-    """The policy type of a tiny checkpoint (markers before Pi0 and SmolVLA are Pi0.5's)."""
-    return str(read_marker(path).get("policy_type", "pi05"))
-
-
-def read_tiny_dims(path: str | os.PathLike[str]) -> Any:
-    """The dims recorded in a tiny checkpoint's marker file (:class:`TinyDims` for Pi0.5 and Pi0,
-    :class:`~attnstore.capture.tiny_smolvla.TinySmolDims` for SmolVLA)."""
-    data = read_marker(path)
-    if data.get("policy_type") == "smolvla":
-        from attnstore.capture.tiny_smolvla import TinySmolDims
-
-        return TinySmolDims.from_dict(data["dims"])
-    return TinyDims.from_dict(data["dims"])
-
-
-def tiny_depths(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(action-expert depth, VLM depth) of a tiny checkpoint."""
-    depth = int(read_tiny_dims(path).depth)
-    return depth, depth
-
-
-def tokenizer_dir(path: str | os.PathLike[str]) -> Path:
-    """Where a tiny checkpoint keeps its tokenizer (``tokenizer/``; SmolVLA: its tiny VLM's folder ``vlm/``)."""
-    try:
-        name = read_marker(path).get("tokenizer_dir", TOKENIZER_DIRNAME)
-    except CaptureError:
-        name = TOKENIZER_DIRNAME
-    return Path(path) / str(name)
 
 
 # ---- patches --------------------------------------------------------------------------------------

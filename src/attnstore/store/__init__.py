@@ -1,1 +1,1 @@
-"""store/: the Zarr v3 attention store: writer, legacy .pt export/import, inspect. Never imports capture."""
+"""store/: the Zarr v3 attention store: create, write (the commit protocol), open, check, inspect, pack, study. Never imports readers, capture, evaluation, legacy or torch."""

@@ -29,6 +29,9 @@ Camera slots: present cameras (config order), then missing ones up to ``empty_ca
 are laid into it with masked padding, so one store holds every task. Action tokens attend causally to each
 other (``att_masks`` 1 per action token): a query's later action keys are 0. Cross-attention layers see the
 prefix keys only: their action keys are 0 and ``layer_kind`` says ``cross``.
+
+The softmax recorder is :mod:`attnstore.capture.policies.softmax_tap`, the placing of a run's keys in
+the store's key axis :mod:`attnstore.capture.policies.smolvla_keys`.
 """
 
 from __future__ import annotations
@@ -39,20 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attnstore.capture.policies.base import CROSS, SELF, Handle, Hook, PolicyAdapter
+from attnstore.capture.policies.smolvla_keys import STATE_TOKENS, KeyMap, key_map, place_probs
+from attnstore.capture.policies.softmax_tap import SoftmaxTap
 from attnstore.errors import CaptureError
 from attnstore.schema import TokenLayout
-
-STATE_TOKENS = 1  # VLAFlowMatching.embed_prefix: state_emb[:, None, :]
-
-
-@dataclass
-class _KeyMap:
-    """Where the model's prefix keys of the run in progress go in the store's key axis."""
-
-    model_len: int  # the model's prefix length (pad_masks.shape[1])
-    store_len: int  # the layout's prefix_len
-    keep: Any = None  # model positions kept (None: identity)
-    to: Any = None  # their store positions
 
 
 @dataclass
@@ -77,7 +70,7 @@ class SmolVLAAdapter(PolicyAdapter):
         self._expert_hooks: dict[int, list[Hook]] = {}
         self._prefix_hooks: dict[int, list[Hook]] = {}
         self._saved: list[tuple[Any, str, Any]] = []
-        self._keys: _KeyMap | None = None
+        self._keys: KeyMap | None = None
         self._layer = threading.local()
         config = policy.config
         if not getattr(config, "use_cache", True):
@@ -313,7 +306,7 @@ class SmolVLAAdapter(PolicyAdapter):
             if current is None:
                 return original(*args, **kwargs)
             self._layer.current = None  # one attention call per layer function in inference
-            with _SoftmaxTap() as tap:
+            with SoftmaxTap() as tap:
                 out = original(*args, **kwargs)
             if len(tap.outputs) != 1:
                 raise CaptureError(
@@ -327,110 +320,21 @@ class SmolVLAAdapter(PolicyAdapter):
 
         return eager_attention_forward
 
-    # ---- model keys -> store keys ------------------------------------------------------------------------
-    def _key_map(self, images: Sequence[Any], n_language: int, pad_masks) -> _KeyMap:
+    # ---- model keys -> store keys (capture/policies/smolvla_keys.py) -----------------------------------
+    def _key_map(self, images: Sequence[Any], n_language: int, pad_masks) -> KeyMap:
         """The store positions of the model's prefix keys, from this run's embed_prefix inputs and masks."""
-        import torch
-
-        model = self.policy.model
-        model_len = int(pad_masks.shape[1])
-        width = int(self.policy.config.tokenizer_max_length)
         start, end = self._special_tokens()
         side = self._grid_side(int(images[0].shape[-1]), int(images[0].shape[-2]))
-        cams = len(images) * (start + side * side + end)
-        seq = cams + n_language + STATE_TOKENS  # the model's unpadded prefix
-        store_seq = cams + width + STATE_TOKENS
-        store_len = max(store_seq, int(model.prefix_length))
-        if model_len != max(seq, int(model.prefix_length)):
-            raise CaptureError(
-                f"SmolVLA's prefix has {model_len} keys, its layout {seq} (+ padding): "
-                f"is this lerobot 0.6.1's SmolVLA?"
-            )
-        if model_len == store_len and n_language == width:
-            return _KeyMap(model_len, store_len)
-        device = pad_masks.device
-        pads = min(model_len - seq, store_len - store_seq)  # the model's extra padding keys are masked: dropped
-        keep = torch.cat([torch.arange(cams + n_language + STATE_TOKENS), seq + torch.arange(pads)])
-        to = torch.cat([
-            torch.arange(cams + n_language),
-            torch.tensor([cams + width]),  # the state token after the whole language region
-            store_seq + torch.arange(pads),
-        ])
-        return _KeyMap(model_len, store_len, keep.to(device), to.to(device))
+        return key_map(len(images) * (start + side * side + end), n_language, pad_masks,
+                       width=int(self.policy.config.tokenizer_max_length),
+                       prefix_length=int(self.policy.model.prefix_length))
 
     def _to_store(self, probs, current: _Layer):
-        """(B, H, Q, K_model) -> the store's keys: prefix keys placed by the run's key map, action keys
-        after them (self-attention), zeros for keys the layer does not see (cross-attention's actions)."""
-        keys = self._keys
-        if keys is None:
+        """(B, H, Q, K_model) -> the store's keys (:func:`~attnstore.capture.policies.smolvla_keys.place_probs`)."""
+        if self._keys is None:
             raise CaptureError("SmolVLA ran its attention before embed_prefix: cannot place its keys")
-        action = int(self.policy.config.chunk_size)
-        if current.prefix:
-            if keys.keep is None:
-                return probs
-            out = probs.new_zeros((*probs.shape[:2], keys.store_len, keys.store_len))
-            picked = probs.index_select(-2, keys.keep).index_select(-1, keys.keep)
-            out[:, :, keys.to[:, None], keys.to[None, :]] = picked
-            return out
-        seen = keys.model_len + (action if current.kind == SELF else 0)
-        if probs.shape[-1] != seen:
-            raise CaptureError(
-                f"SmolVLA {current.kind}-attention has {probs.shape[-1]} keys, {seen} expected: "
-                f"is this lerobot 0.6.1's SmolVLA?"
-            )
-        if keys.keep is None and current.kind == SELF:
-            return probs
-        out = probs.new_zeros((*probs.shape[:-1], keys.store_len + action))
-        if keys.keep is None:
-            out[..., : keys.model_len] = probs[..., : keys.model_len]
-        else:
-            out[..., keys.to] = probs[..., keys.keep]
-        if current.kind == SELF:
-            out[..., keys.store_len :] = probs[..., keys.model_len :]
-        return out
-
-
-class _SoftmaxTap:
-    """Records the outputs of every softmax called inside ``with`` on this thread (the results are the
-    tensors the caller goes on with; nothing is recomputed or changed)."""
-
-    def __init__(self) -> None:
-        self.outputs: list[Any] = []
-        self._mode = None
-
-    def __enter__(self) -> _SoftmaxTap:
-        self._mode = _tap_mode()(self.outputs)
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+        return place_probs(probs, self._keys, kind=current.kind, prefix=current.prefix,
+                           action=int(self.policy.config.chunk_size))
 
 
 _MISSING = object()
-_TAP: list[type] = []
-
-
-def _tap_mode() -> type:
-    """The TorchFunctionMode class of :class:`_SoftmaxTap` (made once, when torch is loaded)."""
-    if not _TAP:
-        import torch
-        from torch.overrides import TorchFunctionMode
-
-        softmaxes = frozenset(
-            {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
-        )
-
-        class Tap(TorchFunctionMode):
-            def __init__(self, outputs: list[Any]) -> None:
-                super().__init__()
-                self.outputs = outputs
-
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if func in softmaxes:
-                    self.outputs.append(out)
-                return out
-
-        _TAP.append(Tap)
-    return _TAP[0]
