@@ -100,16 +100,22 @@ def vlm_attn(policy, i):
 
 
 def spy_appends(writer):
-    """Copies of every InferenceBatch's attention as handed to the writer (before encoding)."""
+    """Copies of every InferenceBatch's attention as the writer reads it (after its ``ready`` callback)."""
     seen = []
     original = writer.append
 
     def append(batch):
-        seen.append({
-            "attention": torch.as_tensor(batch.attention).clone(),
-            "prefix": None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone(),
-            "episodes": np.asarray(batch.episodes).copy(),
-        })
+        entry = {"episodes": np.asarray(batch.episodes).copy()}
+        ready = batch.ready
+
+        def snapshot():  # the writer thread runs it before reading the batch (the CPU path fills it there)
+            if ready is not None:
+                ready()
+            entry["attention"] = torch.as_tensor(batch.attention).clone()
+            entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
+
+        seen.append(entry)
+        batch.ready = snapshot
         return original(batch)
 
     writer.append = append

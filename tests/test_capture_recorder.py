@@ -89,20 +89,27 @@ def vlm_attn(policy, i):
 
 
 def spy_appends(writer):
-    """Copies of every InferenceBatch's attention as handed to the writer (before encoding)."""
+    """Copies of every InferenceBatch's attention as the writer reads it (before encoding): after the
+    batch's ``ready`` callback, which on the CPU copies the held probabilities into it on the writer thread."""
     seen = []
     original = writer.append
 
     def append(batch):
-        seen.append(
-            {
-                "attention": torch.as_tensor(batch.attention).clone(),
-                "prefix": None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone(),
-                "times": np.asarray(batch.times),
-                "episodes": np.asarray(batch.episodes).copy(),
-                "keep": np.ones(len(batch.episodes), bool) if batch.keep is None else np.asarray(batch.keep).copy(),
-            }
-        )
+        entry = {
+            "times": np.asarray(batch.times),
+            "episodes": np.asarray(batch.episodes).copy(),
+            "keep": np.ones(len(batch.episodes), bool) if batch.keep is None else np.asarray(batch.keep).copy(),
+        }
+        ready = batch.ready
+
+        def snapshot():
+            if ready is not None:
+                ready()
+            entry["attention"] = torch.as_tensor(batch.attention).clone()
+            entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
+
+        seen.append(entry)
+        batch.ready = snapshot
         return original(batch)
 
     writer.append = append

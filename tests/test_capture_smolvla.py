@@ -99,10 +99,17 @@ def spy_appends(writer):
     original = writer.append
 
     def append(batch):
-        seen.append({
-            "attention": torch.as_tensor(batch.attention).clone(),
-            "prefix": None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone(),
-        })
+        entry = {}
+        ready = batch.ready
+
+        def snapshot():  # the writer thread runs it before reading the batch (the CPU path fills it there)
+            if ready is not None:
+                ready()
+            entry["attention"] = torch.as_tensor(batch.attention).clone()
+            entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
+
+        seen.append(entry)
+        batch.ready = snapshot
         return original(batch)
 
     writer.append = append

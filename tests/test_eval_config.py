@@ -25,6 +25,7 @@ def test_defaults():
     cfg = parse_attention_args([])
     assert (cfg.layer_selection, cfg.denoise_selection, cfg.prefix_selection) == ("last:2", "all", False)
     assert (cfg.images, cfg.actions, cfg.encoding, cfg.overwrite, cfg.episodes) == (True, True, "portable", False, None)
+    assert cfg.summary is True
     assert str(cfg.store_path("out/run")) == "out/run/attention.zarr"
 
 
@@ -39,13 +40,14 @@ def test_draccus_values_are_normalised():
             "--attention.encoding=float32",
             "--attention.overwrite=true",
             "--attention.store=elsewhere/a.zarr",
+            "--attention.summary=false",
         ]
     )
     assert cfg.layer_selection == (16, -1)
     assert cfg.denoise_selection == "final"
     assert cfg.episodes == [0, 3]
     assert cfg.prefix_selection is True
-    assert cfg.images is False and cfg.overwrite is True and cfg.encoding == "float32"
+    assert cfg.images is False and cfg.overwrite is True and cfg.encoding == "float32" and cfg.summary is False
     assert str(cfg.store_path("ignored")) == "elsewhere/a.zarr"
     assert cfg.records(3) and not cfg.records(1)
 
@@ -289,3 +291,122 @@ def test_existing_store_of_another_run_is_refused(eval_cli, tiny_checkpoint, tmp
     assert "already holds an attention store" in err[0] and "--attention.overwrite=true" in err[0]
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before  # untouched
     assert not (out / "eval_info.json").exists()
+
+
+# ---- what --attention.* reaches: the recorder, the disk budget, the console ---------------------------
+def _attention_codecs(store) -> list[str]:
+    """Codec names of the stored attention array, read from its zarr.json (not through attnstore)."""
+    meta = json.loads((store / "attention" / "zarr.json").read_text())
+    return [c["name"] for c in meta["codecs"]]
+
+
+def _summary_arrays(store) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.name.startswith("summary") and (p / "zarr.json").is_file())
+
+
+@pytest.mark.lerobot
+def test_eval_recorder_takes_encoding_and_summary(tiny_checkpoint, tmp_path):
+    """The recorder the eval builds (session.make_recorder) writes what --attention.encoding/summary ask for."""
+    import torch
+
+    from attnstore.capture import find_tokenizer, load_policy
+    from attnstore.evaluation.session import make_recorder
+    from attnstore.store.writer import AttentionWriter
+
+    policy, pre, _ = load_policy(tiny_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    obs = {f"observation.images.{c}": torch.randint(0, 256, (1, 3, 64, 64), generator=g).float() / 255
+           for c in ("image", "image2")}
+    obs["observation.state"] = torch.rand(1, 8, generator=g)
+    obs["task"] = ["pick up the alphabet soup and place it in the basket"]
+    stores = {}
+    for name, args in (("default", []), ("compact", ["--attention.encoding=compact", "--attention.summary=false"])):
+        stores[name] = tmp_path / f"{name}.zarr"
+        with AttentionWriter(stores[name]) as writer:
+            with make_recorder(policy, writer, parse_attention_args(args), find_tokenizer(pre)):
+                policy.reset()
+                policy.select_action(pre(obs))
+    assert "attnstore.denoise_predict" in _attention_codecs(stores["compact"])  # compact's own codec
+    assert "attnstore.denoise_predict" not in _attention_codecs(stores["default"])  # portable: blosc only
+    assert _summary_arrays(stores["compact"]) == []
+    assert len(_summary_arrays(stores["default"])) >= 2  # region mass and entropy at least
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 80 MiB tmpfs (a real small filesystem), or a skip saying why there is none."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+@pytest.mark.lerobot
+def test_eval_refuses_a_disk_that_cannot_hold_the_run(eval_cli, tiny_checkpoint, small_disk):
+    store = small_disk / "attention.zarr"
+    # the tiny Pi0.5 stores ~33 MB of raw float32 per model run, 28 runs an episode of libero_object: one
+    # episode needs tens of MB even at the best compression, three do not fit in 80 MiB
+    code, err, out = eval_cli("--eval.n_episodes=3", "--attention.layers=all", f"--attention.store={store}",
+                              policy=tiny_checkpoint)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("attnstore: error: not enough free disk for the attention store: 3 episodes need")
+    assert "84 MB are free" in err[0] and "recording at most 1 of the 3 episodes" in err[0], err[0]
+    assert "--attention.store=" in err[0]
+    assert list(small_disk.iterdir()) == [] and not (out / "eval_info.json").exists()
+
+
+@pytest.mark.libero
+@pytest.mark.lerobot
+def test_eval_writes_a_compact_store_and_reports_the_writer(tiny_checkpoint, tmp_path):
+    """A real ``attnstore eval`` (subprocess, LIBERO, 1 short episode) with --attention.encoding=compact and
+    --attention.summary=false: the store is compact and has no summaries; the progress bar's postfix shows
+    the writer's queue and MB/s, the end summary how long the evaluation waited on it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", "import sys; from attnstore.cli import main; sys.exit(main())", "eval",
+           f"--policy.path={tiny_checkpoint}", "--env.type=libero", "--env.task=libero_object", "--env.task_ids=[0]",
+           "--env.observation_height=128", "--env.observation_width=128", "--env.episode_length=12",
+           "--eval.n_episodes=1", "--eval.batch_size=1", "--eval.use_async_envs=false", f"--output_dir={out}",
+           "--attention.encoding=compact", "--attention.summary=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = out / "attention.zarr"
+    assert "attnstore.denoise_predict" in _attention_codecs(store) and _summary_arrays(store) == []
+    assert json.loads((store / "attention" / "zarr.json").read_text())["attributes"]["encoding"] == "compact"
+    assert "waited on the writer" in proc.stdout, proc.stdout
+    bar = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if "attnstore episodes" in ln and "1/1" in ln]
+    assert bar and "queue=" in bar[-1] and "writer=" in bar[-1] and "MB/s" in bar[-1], bar
+
+
+def test_end_summary_says_how_long_the_eval_waited_on_the_writer(tmp_path):
+    from attnstore.evaluation.runner import EvalResult
+
+    result = EvalResult(output_dir=tmp_path, eval_info=tmp_path / "eval_info.json", videos_dir=tmp_path / "videos",
+                        store=tmp_path / "attention.zarr", episodes_run=2, episodes_recorded=2, inferences=6,
+                        attention_bytes=600_000_000, store_bytes=80_000_000, write_mb_per_s=300.0, pc_success=50.0,
+                        wall_s=12.0, writer_wait_s=3.3)
+    line = next(ln for ln in result.summary().splitlines() if "attention written" in ln)
+    assert "600.0 MB (float32) at 300 MB/s" in line and line.endswith("waited on the writer 3.3 s")
+
+
+def test_progress_postfix_shows_the_writer():
+    from types import SimpleNamespace
+
+    from attnstore.evaluation.session import CaptureSession
+    from attnstore.store.writer import WriterStats
+
+    stats = WriterStats(attention_bytes=2_000_000_000, busy_seconds=4.0, wait_seconds=1.5, queue_size=4)
+    writer = SimpleNamespace(stats=stats, queue_depth=3, spec=None, stopped=False)
+    session = CaptureSession(AttentionConfig(), writer, n_episodes=1, checkpoint=None)
+    session.episodes_run, session.successes = 4, 1
+    assert session.postfix() == {"success": "25%", "inferences": 0, "recorded": 0, "queue": "3/4",
+                                 "writer": "500MB/s", "waited": "1.5s"}

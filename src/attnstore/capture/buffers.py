@@ -28,7 +28,7 @@ class HostBuffers:
     attention: Any  # (B, D, L, H, Q, K) float32 host tensor (int16 bits of uint16 on the device path)
     prefix: Any  # (B, PL, H, P, P) float32 host tensor or None
     seq: int  # number of the append this buffer was last taken for
-    staging: Any = None  # CPU staged path: (B, D, hooked layers, H, Q, K) probabilities (the recorder's)
+    staging: Any = None  # CPU held path: per denoise step, per hooked layer, the model's probabilities (references)
 
 
 class BufferRing:

@@ -11,8 +11,9 @@ Capture points (lerobot 0.6.1, eager attention forced by Pi0.5 itself):
   policy saw, the predicted chunk.
 
 One :class:`~attnstore.store.writer.InferenceBatch` per model run goes to the writer, whose thread
-does the encoding and disk I/O. On CUDA the hooks copy into pinned host buffers with non-blocking
-copies and the batch carries an event the writer waits on; on CPU they are plain copies. Hooks are
+does the encoding and disk I/O. On CUDA the hooks copy into a device staging buffer, quantised and copied
+to pinned host buffers once per run, and the batch carries an event the writer waits on; on CPU the hooks
+only keep references and the writer thread copies and summarises (:mod:`attnstore.capture.hooks`). Hooks are
 wrapped in ``torch.compiler.disable`` so ``compile_model=True`` graphs break around them instead of
 recompiling every step.
 """
@@ -20,22 +21,15 @@ recompiling every step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from attnstore import schema as S
 from attnstore.capture import layout as L
-from attnstore.capture.buffers import (
-    BufferRing,
-    HostBuffers,
-    check_finite_flags,
-    quantise_on_device,
-    ready_after,
-    to_host,
-)
+from attnstore.capture.buffers import BufferRing, HostBuffers, check_finite_flags, ready_after, to_host
 from attnstore.capture.episodes import EpisodeBook
+from attnstore.capture.hooks import ModelRun, RecorderHooks, slot
 from attnstore.capture.policies import adapter_for
 from attnstore.capture.summary import SummaryBuffers, SummaryPlan
 from attnstore.selection import Selection, parse_denoise_steps, parse_layers
@@ -47,28 +41,10 @@ from attnstore.store.writer import AttentionWriter, InferenceBatch
 _MISSING = object()
 
 
-@dataclass
-class _Inference:
-    """State of the model run in progress."""
-
-    episodes: np.ndarray  # (B,) episode index of each row
-    env_step: int
-    keep: np.ndarray | None
-    buffers: HostBuffers
-    language: tuple[np.ndarray, np.ndarray]  # (ids with -1 at padding, mask)
-    state: Any = None  # (B, state_dim) tensor the policy saw, when stored
-    denoise_index: int = -1  # index of the denoise step running now
-    slot: int = -1  # its position among the selected steps, -1 = not selected
-    times: list[Any] = field(default_factory=list)
-    images: Any = None
-    copied: bool = False
-    summary: SummaryBuffers | None = None  # per-layer summaries, on the policy's device
-    valid: Any = None  # (B, K, R + 1) region one-hot + key validity on the device (SummaryPlan.key_valid)
-    staged: bool = False  # hooks copy every hooked layer into a staging buffer; summarised once per run
-    device_path: bool = False  # ... and the stored layers are quantised where they are, at the end of the run
+_Inference = ModelRun  # the name before the split into capture/hooks.py
 
 
-class AttentionRecorder:
+class AttentionRecorder(RecorderHooks):
     """Record a Pi0.5 policy's attention into an :class:`AttentionWriter` while it runs.
 
     Example::
@@ -138,20 +114,14 @@ class AttentionRecorder:
         self._handles: list[Any] = []
         self._saved: list[tuple[Any, str, Any]] = []
         self._attached = False
-        self._current: _Inference | None = None
+        self._current: ModelRun | None = None
         self._ring = BufferRing()
         self._plan: SummaryPlan | None = None
         # expert layers with a hook: stored in full, summarised, or both (their order in the staging buffer)
         self._hooked = tuple(sorted(set(self.layers) | set(self.summary_layers)))
-        # The staged path (the default): each hook does one copy into a staging buffer, and once per model
-        # run the summaries come from it in a few kernels over all layers (SummaryPlan.expert).
-        # * The device path (CUDA): that runs on the device at the end of the run (one device buffer,
-        #   stream-ordered), and the stored layers are quantised there too (quantise_on_device), so only
-        #   uint16 crosses to the host, in one copy.
-        # * On the CPU the summaries run on the writer thread (the batch's ready callback; a staging buffer
-        #   per ring slot), so the inference thread pays one copy per hook; the stored layers are also
-        #   copied as float32 into the batch (the writer quantises, as before).
-        # _stage_summaries=False: the per-hook path (summaries in each hook; no staging memory).
+        # The paths of capture/hooks.py: held (CPU default: the hooks keep references, the writer thread copies
+        # and summarises), device (CUDA default: one device staging buffer, summaries and quantisation there).
+        # _stage_summaries=False: the per-hook path (copies and summaries in each hook; no staging memory).
         # _device_path=True forces the device path on the CPU (tests: every line of it runs without CUDA).
         self._stage_summaries: bool | None = None
         self._device_path: bool | None = None
@@ -183,7 +153,7 @@ class AttentionRecorder:
                 (self.adapter.register_prefix_hook, self.prefix_layers, self.summary_prefix_layers, self._make_prefix_hook),
             ):
                 for i in sorted(set(stored) | set(summarised)):
-                    slots = (_slot(stored, i), _slot(summarised, i), _slot(self._hooked, i))
+                    slots = (slot(stored, i), slot(summarised, i), slot(self._hooked, i))
                     hook = torch.compiler.disable(make(*slots))
                     self._handles.append(register(i, hook))
             self._attached = True
@@ -285,56 +255,8 @@ class AttentionRecorder:
 
         return denoise_step
 
-    # ---- hooks -------------------------------------------------------------------------------------
-    def _make_expert_hook(self, layer_slot: int, summary_slot: int, staged_slot: int):
-        """Hook of one expert layer: its full attention into slot ``layer_slot`` of the host buffer and
-        its summary into slot ``summary_slot`` (-1: not stored / not summarised); on the device path,
-        only one copy into slot ``staged_slot`` of the staging buffer."""
-
-        def hook(module, args, kwargs, output):
-            run = self._current
-            if run is None or run.slot < 0:
-                return None
-            probs = output[1]
-            expected = run.buffers.attention.shape[-2:]
-            if tuple(probs.shape[-2:]) != tuple(expected):
-                raise CaptureError(
-                    f"expert attention has shape {tuple(probs.shape)}, the token layout expects "
-                    f"(B, H, {expected[0]}, {expected[1]}); is this a {self.adapter.label} with an unexpected input?"
-                )
-            if run.staged:
-                self._staging_for(run, probs)[:, run.slot, staged_slot].copy_(probs)
-                if not run.device_path and layer_slot >= 0:  # CPU: the float32 rows go to the writer as they are
-                    run.buffers.attention[:, run.slot, layer_slot].copy_(probs)
-            else:
-                if layer_slot >= 0:
-                    run.buffers.attention[:, run.slot, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
-                if summary_slot >= 0 and run.summary is not None:
-                    _put_summary(run.summary, (slice(None), run.slot, summary_slot), self._plan.expert(probs, run.valid))
-            run.copied = True
-            return None
-
-        return hook
-
-    def _make_prefix_hook(self, layer_slot: int, summary_slot: int, _staged_slot: int):
-        def hook(module, args, kwargs, output):
-            run = self._current
-            if run is None or run.denoise_index >= 0:  # only the prefix pass, never a denoise step
-                return None
-            probs = output[1]
-            if layer_slot >= 0 and run.buffers.prefix is not None:
-                run.buffers.prefix[:, layer_slot].copy_(probs, non_blocking=probs.is_cuda)
-            out = run.summary
-            if summary_slot >= 0 and out is not None and out.prefix_region_mass is not None:
-                mass, ent = self._plan.prefix(probs, run.valid)
-                out.prefix_region_mass[:, summary_slot].copy_(mass)
-                out.prefix_entropy[:, summary_slot].copy_(ent)
-            return None
-
-        return hook
-
     # ---- one inference -------------------------------------------------------------------------------
-    def _begin(self, batch) -> _Inference | None:
+    def _begin(self, batch) -> ModelRun | None:
         from lerobot.utils.constants import OBS_STATE
 
         tokens, mask_tensor = self.adapter.language(batch)  # as long as the layout's language region
@@ -358,8 +280,7 @@ class AttentionRecorder:
             valid = self._plan.key_valid(mask_tensor.detach())
         staged = True if self._stage_summaries is None else self._stage_summaries
         device_path = staged and (tokens.device.type == "cuda" if self._device_path is None else self._device_path)
-        staged = staged and (device_path or summary is not None)  # CPU without summaries: nothing to stage
-        run = _Inference(
+        run = ModelRun(
             episodes=episodes,
             env_step=self.episodes.env_step,
             keep=keep,
@@ -371,6 +292,8 @@ class AttentionRecorder:
             staged=bool(staged),
             device_path=bool(device_path),
         )
+        if run.staged and not run.device_path:
+            self._hold(run)
         self._current = run
         return run
 
@@ -420,7 +343,7 @@ class AttentionRecorder:
         dtype = torch.int16 if device_path and spec.encoding in QUANTISED else torch.float32
         return self._ring.take(shape, pshape, device, self.inferences, getattr(self.writer, "pending", None), dtype)
 
-    def _finish(self, run: _Inference, actions) -> None:
+    def _finish(self, run: ModelRun, actions) -> None:
         import torch
 
         spec = self.spec
@@ -438,7 +361,7 @@ class AttentionRecorder:
         attention, nonfinite, deferred = run.buffers.attention, None, None
         if run.device_path:
             attention, nonfinite = self._from_staging(run, cuda)
-        elif run.staged and run.summary is not None:  # the summaries run on the writer thread, before it reads
+        elif run.staged:  # held: stored layers and summaries on the writer thread, before it reads the batch
             deferred = self._deferred(run)
         small = {"times": torch.cat(run.times).float()}
         if run.state is not None:
@@ -483,101 +406,6 @@ class AttentionRecorder:
         )
         self.writer.append(batch)
         self.inferences += 1
-
-    def _staging_for(self, run: _Inference, probs):
-        """The staging buffer (B, D, hooked layers, H, Q, K) in the probabilities' dtype. On CUDA one device
-        buffer reused across runs (stream order keeps a run's reads of it before the next run's copies); on
-        the CPU the run's ring slot's own (the writer thread reads it after the run)."""
-        import torch
-
-        shape = (probs.shape[0], len(self.spec.denoise_steps), len(self._hooked), *probs.shape[1:])
-
-        def fits(buf) -> bool:
-            return buf is not None and tuple(buf.shape) == shape and buf.dtype == probs.dtype and buf.device == probs.device
-
-        if run.device_path:
-            if not fits(self._staging):
-                self._staging = torch.empty(shape, dtype=probs.dtype, device=probs.device)
-            return self._staging
-        if not fits(run.buffers.staging):
-            run.buffers.staging = torch.empty(shape, dtype=probs.dtype)
-        return run.buffers.staging
-
-    def _deferred(self, run: _Inference) -> Callable[[], None]:
-        """The CPU staged path's work for the writer thread: the summaries of every layer of the run."""
-
-        def ready() -> None:
-            import torch
-
-            # lerobot-eval runs the policy under torch.inference_mode(): the run's tensors are inference
-            # tensors, which only accept in-place writes inside inference mode (on this thread too)
-            with torch.inference_mode():
-                self._summarise(run, run.buffers.staging)
-
-        return ready
-
-    def _summarise(self, run: _Inference, staging) -> None:
-        """The summaries of every layer from the staging buffer: a few kernels per denoise step, all layers at once."""
-        if run.summary is None or run.summary.region_mass is None:
-            return
-        summarised = _positions(self._hooked, self.spec.summary_layers, staging.device)
-        for d in range(staging.shape[1]):
-            probs = staging[:, d] if summarised is None else staging[:, d].index_select(1, summarised)
-            _put_summary(run.summary, (slice(None), d), self._plan.expert(probs, run.valid))
-
-    def _from_staging(self, run: _Inference, cuda: bool):
-        """Device path, once per model run: the summaries of every layer and the stored layers, quantised on
-        the device and copied to the host once. Returns (host attention for the batch, host non-finite
-        flags or None)."""
-        import torch
-
-        spec, staging = self.spec, self._staging
-        self._summarise(run, staging)
-        stored = _positions(self._hooked, spec.layers, staging.device)
-        att = staging if stored is None else staging.index_select(2, stored)
-        host = run.buffers.attention
-        if host.dtype != torch.int16:  # exact float32 encoding: the probabilities as they are
-            host.copy_(att, non_blocking=cuda)
-            return host, None
-        bits, bad = quantise_on_device(att)
-        host.copy_(bits, non_blocking=cuda)
-        return _host_attention(run.buffers), to_host(bad, cuda)
-
-
-# ---- helpers -------------------------------------------------------------------------------------
-def _put_summary(out: SummaryBuffers, index: tuple, summary: tuple[Any, Any, Any]) -> None:
-    """Copy one (mass, entropy, grid) of :meth:`SummaryPlan.expert` into the run's buffers at ``index``."""
-    mass, ent, grid = summary
-    out.region_mass[index].copy_(mass)
-    out.entropy[index].copy_(ent)
-    if out.grid is not None:
-        out.grid[index].copy_(grid)
-
-
-def _host_attention(buffers: HostBuffers):
-    """What the batch hands over: the float32 host buffer, or the uint16 view of the int16 one."""
-    import torch
-
-    att = buffers.attention
-    return att.view(torch.uint16) if att.dtype == torch.int16 else att
-
-
-def _positions(hooked: tuple[int, ...], wanted: tuple[int, ...], device):
-    """Index tensor of ``wanted`` layers among the ``hooked`` ones (None: all of them, in order)."""
-    import torch
-
-    if tuple(wanted) == tuple(hooked):
-        return None
-    return torch.tensor([hooked.index(i) for i in wanted], dtype=torch.long, device=device)
-
-
-def _slot(chosen: tuple[int, ...], index: int) -> int:
-    """Position of layer ``index`` among ``chosen`` (-1: not chosen).
-
-    >>> _slot((16, 17), 17), _slot((16, 17), 3)
-    (1, -1)
-    """
-    return chosen.index(index) if index in chosen else -1
 
 
 def _to_numpy(value) -> Any:

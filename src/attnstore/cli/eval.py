@@ -27,6 +27,9 @@ attention options (defaults in brackets):
                                                     error 7.6e-6; compact: the same values ~2.6x smaller
                                                     (attnstore's codec); analysis: lossy, bounded
                                                     shares/entropy/top-5 errors; float32: exact [portable]
+  --attention.summary=true|false                    store per-layer summaries of every layer (region
+                                                    mass, entropy, camera grids; a few % of a last:2
+                                                    store) [true]
   --attention.overwrite=true|false                  replace an existing store at the same path [false]
   --attention.store=PATH.zarr                       where to write it [<output_dir>/attention.zarr]
 

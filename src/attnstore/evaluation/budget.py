@@ -14,7 +14,7 @@ capture: 28 inferences/episode x 293 MB raw float32 (18 layers) -> ~1.2 GB per e
 >>> check_disk(est, free_bytes=10e9)
 Traceback (most recent call last):
 ...
-attnstore.errors.EvalConfigError: not enough free disk for the attention store: 50 episodes need at least 21 GB (~59 GB expected), 10 GB are free; free space, record fewer layers (--attention.layers=last:2) or episodes (--attention.episodes=...), or write elsewhere (--attention.store=...)
+attnstore.errors.EvalConfigError: not enough free disk for the attention store: 50 episodes need at least 21 GB (~59 GB expected), 10 GB are free; these would fit: --attention.layers=last:2 (at least 3.0 GB), --attention.encoding=compact (at least 8.9 GB), recording at most 23 of the 50 episodes (--attention.episodes=[...], 23 indices); or free space, or write elsewhere (--attention.store=...)
 >>> check_disk(est, free_bytes=40e9)
 'warning: ~59 GB expected for 50 episodes, 40 GB are free: the run may stop with a full disk (every committed inference stays readable)'
 >>> check_disk(est, free_bytes=100e9) is None
@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -120,14 +121,17 @@ def describe(est: Estimate) -> str:
 
 
 def check_disk(est: Estimate, free_bytes: float) -> str | None:
-    """Raise EvalConfigError when ``free_bytes`` is below the minimum; a warning line below the expected."""
+    """Raise EvalConfigError when ``free_bytes`` is below the minimum (naming the ``--attention.*`` changes
+    that would fit, :func:`fitting_options`); a warning line below the expected."""
     p = est.plan
     if free_bytes < est.minimum_total:
+        options = fitting_options(est, free_bytes)
+        fits = f"these would fit: {', '.join(options)}; or " if options else (
+            "record fewer layers (--attention.layers=last:2) or episodes (--attention.episodes=...), ")
         raise EvalConfigError(
             f"not enough free disk for the attention store: {p.episodes} episodes need at least "
             f"{_gb(est.minimum_total, 0)} (~{_gb(est.expected_total, 0)} expected), {_gb(free_bytes, 0)} are free; "
-            f"free space, record fewer layers (--attention.layers=last:2) or episodes (--attention.episodes=...), "
-            f"or write elsewhere (--attention.store=...)"
+            f"{fits}free space, or write elsewhere (--attention.store=...)"
         )
     if free_bytes < est.expected_total:
         return (
@@ -135,6 +139,32 @@ def check_disk(est: Estimate, free_bytes: float) -> str | None:
             f"free: the run may stop with a full disk (every committed inference stays readable)"
         )
     return None
+
+
+def fitting_options(est: Estimate, free_bytes: float) -> list[str]:
+    """The single ``--attention.*`` changes whose minimum size fits in ``free_bytes`` (each with it): the last
+    2 layers, the compact encoding, no images, fewer episodes.
+
+    >>> est = estimate(CapturePlan(layers=18, episodes=10))
+    >>> fitting_options(est, est.minimum_total / 2)
+    ['--attention.layers=last:2 (at least 599 MB)', '--attention.encoding=compact (at least 1.8 GB)', 'recording at most 5 of the 10 episodes (--attention.episodes=[...], 5 indices)']
+    >>> fitting_options(est, est.minimum_per_episode / 10)
+    []
+    """
+    p = est.plan
+    options = []
+    for flag, change in (
+        ("--attention.layers=last:2", {"layers": min(p.layers, 2)}),
+        ("--attention.encoding=compact", {"encoding": "compact"}),
+        ("--attention.images=false", {"cameras": 0}),
+    ):
+        smaller = estimate(dataclasses.replace(p, **change))
+        if smaller.minimum_total < est.minimum_total and smaller.minimum_total <= free_bytes:
+            options.append(f"{flag} (at least {_gb(smaller.minimum_total)})")
+    n = int(free_bytes // est.minimum_per_episode) if est.minimum_per_episode else p.episodes
+    if 1 <= n < p.episodes:
+        options.append(f"recording at most {n} of the {p.episodes} episodes (--attention.episodes=[...], {n} indices)")
+    return options
 
 
 def free_bytes_at(path: str | os.PathLike[str]) -> int:
@@ -145,17 +175,21 @@ def free_bytes_at(path: str | os.PathLike[str]) -> int:
     return shutil.disk_usage(where).free
 
 
-def plan_from_config(cfg: Any, attention: Any, *, depth: int, n_tasks: int) -> CapturePlan:
+def plan_from_config(cfg: Any, attention: Any, *, depth: int, n_tasks: int,
+                     denoise_steps: int | None = None) -> CapturePlan:
     """A :class:`CapturePlan` from lerobot's ``EvalPipelineConfig`` and attnstore's ``AttentionConfig``,
     before any env or policy exists (duck-typed: reads attributes, imports nothing).
 
-    ``depth``: the expert's layer count (``Checkpoint.depths``); ``n_tasks``: tasks the run evaluates.
+    ``depth``: the expert's layer count (``Checkpoint.depths``); ``n_tasks``: tasks the run evaluates;
+    ``denoise_steps``: steps per model run (``Checkpoint.num_denoise_steps``; default the config's
+    ``num_inference_steps``).
     """
     from attnstore.selection import parse_denoise_steps, parse_layers
 
     policy, env = cfg.policy, cfg.env
     layers = len(parse_layers(attention.layer_selection, depth, error=EvalConfigError))
-    steps = len(parse_denoise_steps(attention.denoise_selection, policy.num_inference_steps, error=EvalConfigError))
+    total = int(denoise_steps) if denoise_steps is not None else int(policy.num_inference_steps)
+    steps = len(parse_denoise_steps(attention.denoise_selection, total, error=EvalConfigError))
     length = getattr(env, "episode_length", None) or LIBERO_EPISODE_LENGTH.get(str(getattr(env, "task", "")), 520)
     slots = list(getattr(policy, "image_features", {}) or {})  # camera slots, empty (masked) ones included
     cameras = sum(not str(k).rsplit(".", 1)[-1].startswith("empty_camera") for k in slots)
@@ -180,7 +214,7 @@ def plan_from_config(cfg: Any, attention: Any, *, depth: int, n_tasks: int) -> C
 
 
 def preflight_disk(cfg: Any, attention: Any, store: str | os.PathLike[str], *, depth: int, n_tasks: int,
-                   echo: Any = print, free: int | None = None) -> Estimate:
+                   echo: Any = print, free: int | None = None, denoise_steps: int | None = None) -> Estimate:
     """``attnstore eval``'s check before the first episode: print the estimate when an episode is big (every
     layer of a full-size policy, or >= 1 GB), warn when the disk may fill up, refuse when it clearly will
     (EvalConfigError). ``free``: free bytes (default: the filesystem of ``store``).
@@ -192,11 +226,11 @@ def preflight_disk(cfg: Any, attention: Any, store: str | os.PathLike[str], *, d
     >>> cfg = NS(policy=policy, env=NS(task="libero_object", episode_length=None), eval=NS(n_episodes=2))
     >>> attention = NS(layer_selection="all", denoise_selection="all", episodes=None, encoding="portable")
     >>> est = preflight_disk(cfg, attention, ".", depth=18, n_tasks=1, free=10**13)
-    capture: 28 inferences/episode x 293 MB raw float32 (18 layers) -> ~1.2 GB per episode on disk (portable; at least 425 MB), ~2 GB for 2 episodes
+    attnstore: capture: 28 inferences/episode x 293 MB raw float32 (18 layers) -> ~1.2 GB per episode on disk (portable; at least 425 MB), ~2 GB for 2 episodes
     """
-    est = estimate(plan_from_config(cfg, attention, depth=depth, n_tasks=n_tasks))
+    est = estimate(plan_from_config(cfg, attention, depth=depth, n_tasks=n_tasks, denoise_steps=denoise_steps))
     if est.plan.layers >= FULL_SIZE_LAYERS or est.expected_per_episode >= 1e9:
-        echo(describe(est))
+        echo(f"attnstore: {describe(est)}")
     note = check_disk(est, free_bytes_at(store) if free is None else free)
     if note:
         echo(f"attnstore: {note}")

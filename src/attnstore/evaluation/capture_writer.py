@@ -65,6 +65,10 @@ class CaptureWriter:
         return 0 if self.stopped else self.writer.pending
 
     @property
+    def queue_depth(self) -> int:
+        return 0 if self.stopped else self.writer.queue_depth
+
+    @property
     def stopped(self) -> bool:
         return self.failure is not None or self._halted()
 

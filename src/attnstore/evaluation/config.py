@@ -47,6 +47,7 @@ class AttentionConfig:
     images: bool = True  # store the images the policy saw
     actions: bool = True  # store the predicted action chunks
     encoding: str = "portable"  # portable | compact | analysis | float32 (schema/encoding.py); uint16 = portable
+    summary: bool = True  # per-layer summaries of every layer (capture/summary.py), whatever ``layers`` keeps
     overwrite: bool = False  # replace an existing attention store at the same path
     store: Path | None = None  # default: <output_dir>/attention.zarr
 
