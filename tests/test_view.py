@@ -215,6 +215,84 @@ def test_unfinished_episode_has_no_success(tmp_path):
     assert [r["frame_index"] for r in ents["/cameras/image/image"]["rows"]] == [0, 10]
 
 
+# ---- a study (--run) and a store read from a URL -------------------------------------------------------
+STUDY_EPISODES = {"a": {0: 2, 1: 2}, "b": {0: 3, 1: 4}}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Two runs as ``attnstore eval-study`` lays them out (runs/<name>/attention.zarr), other data each."""
+    root = tmp_path_factory.mktemp("view-study")
+    spec = make_spec(num_language=8, num_action=2, num_heads=2, layers=(16, 17), denoise_steps=(9,))
+    truths = {name: write_synthetic_store(root / "runs" / name / "attention.zarr", spec, episodes=episodes,
+                                          seed=i, n_valid_language=5)
+              for i, (name, episodes) in enumerate(STUDY_EPISODES.items())}
+    return root, truths
+
+
+def check_run_recording(ents: dict, store: Path, truth: dict, episode: int) -> None:
+    """The recording shows ``store``'s episode: its frames, images and heat maps (numpy reference)."""
+    ds = open_attention(store)
+    rows = np.flatnonzero(np.asarray(ds.episode.values) == episode)
+    heat_rows = ents["/cameras/image/attention/layer_17/denoise_9"]["rows"]
+    assert [r["frame_index"] for r in heat_rows] == [10 * r for r in range(len(rows))]
+    for r, row in enumerate(heat_rows):
+        np.testing.assert_allclose(depth_image(row)[::PATCH, ::PATCH], reference_grid(ds, episode, r, 17, 9, "image"),
+                                   rtol=1e-5, atol=1e-8)
+    for r, row in enumerate(ents["/cameras/image2/image"]["rows"]):
+        np.testing.assert_array_equal(rgb_image(row), truth["images"][rows[r], 1])
+
+
+def test_view_run_of_a_study(study, tmp_path):
+    root, truths = study
+    assert main(["view", str(root), "--run", "b", "--episode", "1", "--save", str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["b_episode_1.rrd"]
+    ents = read_rrd(tmp_path / "b_episode_1.rrd")
+    check_run_recording(ents, root / "runs" / "b" / "attention.zarr", truths["b"], 1)
+    assert "**store**: b" in ents["/episode/info"]["static"][0]["TextDocument:text"][0]
+    assert main(["view", str(root / "runs" / "*" / "attention.zarr"), "--run", "a", "--save", str(tmp_path)]) == 0
+    check_run_recording(read_rrd(tmp_path / "a_episode_0.rrd"), root / "runs" / "a" / "attention.zarr",
+                        truths["a"], 0)  # a glob of runs is a study too; default: the run's first episode
+
+
+def test_view_run_errors_list_the_runs(study, store, tmp_path, capsys):
+    root, _ = study
+    save = ["--save", str(tmp_path)]
+    err = one_line_error(capsys, ["view", str(root), "--run", "c", *save])
+    assert f"run 'c' is not in the study {root}: its runs are a, b" in err
+    err = one_line_error(capsys, ["view", str(root), *save])
+    assert f"{root} is a study of 2 runs (a, b): choose one with --run R" in err
+    err = one_line_error(capsys, ["view", str(store[0]), "--run", "a", *save])
+    assert "is one store, not a study of runs; drop --run" in err
+    assert "does not exist" in one_line_error(capsys, ["view", str(tmp_path / "nope"), "--run", "a", *save])
+    assert "no attnstore stores match" in one_line_error(capsys, ["view", str(tmp_path / "x" / "*.zarr"), *save])
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_view_reads_a_store_and_a_study_from_s3(s3, store, study, tmp_path):
+    """The real CLI in a subprocess, endpoint and credentials from the standard AWS_* variables."""
+    path, truth = store
+    root, truths = study
+    bucket = s3.make_bucket("attnstore-view")
+    fs = s3.filesystem()
+    fs.put(str(path), f"{bucket}/one/run1.zarr", recursive=True)
+    fs.put(str(root / "runs"), f"{bucket}/study/runs", recursive=True)
+    for source, flags, name in ((f"s3://{bucket}/one/run1.zarr", [], "run1_episode_1.rrd"),
+                                (f"s3://{bucket}/study", ["--run", "b"], "b_episode_1.rrd")):
+        out = subprocess.run([*CLI, "view", source, *flags, "--episode", "1", "--save", str(tmp_path)],
+                             capture_output=True, text=True, env=s3.env(), timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (tmp_path / name).is_file(), out.stdout
+    check_run_recording(read_rrd(tmp_path / "b_episode_1.rrd"), root / "runs" / "b" / "attention.zarr",
+                        truths["b"], 1)
+    ents = read_rrd(tmp_path / "run1_episode_1.rrd")
+    check_run_recording(ents, path, truth, 1)
+    out = subprocess.run([*CLI, "view", f"s3://{bucket}/study", "--run", "z", "--save", str(tmp_path)],
+                         capture_output=True, text=True, env=s3.env(), timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"run 'z' is not in the study s3://{bucket}/study: its runs are a, b" in out.stderr
+
+
 # ---- bad input: one line, exit 2 -----------------------------------------------------------------
 def one_line_error(capsys, argv) -> str:
     assert main(argv) == 2

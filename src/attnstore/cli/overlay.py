@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnstore.cli._storage import URL_EPILOG, add_store_argument, default_output, locate_store
+
 HELP = "draw attention heat maps on the policy's camera images (PNG panels, MP4 per camera)"
 DESCRIPTION = """\
 Draw where the action tokens look in each camera: for each chosen inference and camera, a PNG
@@ -22,11 +24,15 @@ examples:
   attnstore overlay outputs/eval/attention.zarr --episode 0 --all --layer -1 --denoise final
 
 --layer and --denoise use the same grammar as 'attnstore eval --attention.layers' (one value here).
+
+""" + URL_EPILOG.format(command="overlay", args=" --episode 0") + """
+For a store read from a URL the output goes to ./<run>_overlays in the current folder unless --out
+is given (<run>: the folder holding attention.zarr, e.g. task0_overlays).
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="the attention.zarr folder an evaluation wrote")
+    add_store_argument(parser)
     parser.add_argument("--episode", type=int, required=True, help="episode index")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--steps", type=int, nargs="+", metavar="STEP",
@@ -50,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", choices=("camera", "total"), default="camera",
                         help="camera: renormalised within the camera; total: raw share of all attention")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="output folder (default: 'overlays' next to the store)")
+                        help="local output folder (default: 'overlays' next to a local store, "
+                             "./<run>_overlays for a URL)")
     parser.add_argument("--video", action="store_true", help="also write an MP4 per camera over the episode")
     parser.add_argument("--fps", type=float, default=None,
                         help="video frame rate (default: real time, 20 Hz env steps between inferences)")
@@ -64,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     from attnstore.readers.overlay import OverlayOptions, write_overlays
 
-    store = Path(args.store)
+    location = locate_store(args)
     cameras = None if args.camera == ["all"] else tuple(args.camera)
     options = OverlayOptions(
         episode=args.episode,
-        out_dir=Path(args.out) if args.out else store.resolve().parent / "overlays",
+        out_dir=Path(args.out) if args.out else default_output(location, "overlays"),
         steps=tuple(args.steps) if args.steps else None,
         rollouts=tuple(args.rollouts) if args.rollouts else None,
         all_steps=args.all,
@@ -84,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         zoom=args.zoom,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    result = write_overlays(store, options)
+    result = write_overlays(location, options)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {len(result.pngs)} PNG panel(s) and {len(result.videos)} video(s) under {options.out_dir}")

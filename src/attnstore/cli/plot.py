@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnstore.cli._storage import URL_EPILOG, add_store_argument, default_output, locate_store
+
 HELP = "summary figures: attention share per region over time, entropy per denoise step and layer"
 DESCRIPTION = """\
 Write PNG figures summarising where the action tokens look:
@@ -16,13 +18,18 @@ With --episode, the first three show that episode; without it, the mean over all
 
 example:
   attnstore plot outputs/eval/attention.zarr --out outputs/eval/plots
+
+""" + URL_EPILOG.format(command="plot", args=" --out plots") + """
+For a store read from a URL the figures go to ./<run>_plots in the current folder unless --out is
+given (<run>: the folder holding attention.zarr, e.g. task0_plots).
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="the attention.zarr folder an evaluation wrote")
+    add_store_argument(parser)
     parser.add_argument("--episode", type=int, default=None, help="one episode (default: all episodes)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: 'plots' next to the store)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="local output folder (default: 'plots' next to a local store, ./<run>_plots for a URL)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     from attnstore.readers.plots import write_plots
 
-    store = Path(args.store)
-    out = Path(args.out) if args.out else store.resolve().parent / "plots"
-    result = write_plots(store, out, episode=args.episode)
+    location = locate_store(args)
+    out = Path(args.out) if args.out else default_output(location, "plots")
+    result = write_plots(location, out, episode=args.episode)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {len(result.figures)} figure(s) under {out}:")

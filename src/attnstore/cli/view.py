@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnstore.cli._storage import URL_EPILOG, add_store_argument, storage_options
+
 HELP = "scrub an episode's attention in the Rerun viewer (local, distant/web, or a saved .rrd)"
 DESCRIPTION = """\
 Log one episode to Rerun, the way lerobot-dataset-viz shows datasets: per camera the exact
@@ -30,22 +32,33 @@ modes:
                      rerun --connect rerun+http://HOST:9876/proxy   (ssh -L 9876:localhost:9876 ...)
                    with --web-port P also the web viewer: open the printed http://HOST:P/?url=...
                    link (forward both ports)
-  --save DIR       write DIR/<store-name>_episode_<E>.rrd and exit; open it with 'rerun FILE.rrd'
+  --save DIR       write DIR/<store-name>_episode_<E>.rrd (a local folder) and exit; open it with
+                   'rerun FILE.rrd'
+
+STORE_OR_URL is one store, or a study: a folder or URL holding runs, as attnstore.open_study reads
+it (e.g. what attnstore eval-study wrote). --run R names the run to view: the folder holding its
+attention.zarr (an unknown run is refused with the list of the study's runs); --save writes
+DIR/<R>_episode_<E>.rrd.
 
 examples:
   attnstore view outputs/eval/attention.zarr --episode 0
   attnstore view outputs/eval/attention.zarr --episode 3 --save outputs/rrd
   attnstore view outputs/eval/attention.zarr --mode distant --web-port 9090 --layers all --denoise 0 9
-"""
+  attnstore view outputs/study/libero_object --run libero_object_task3 --episode 1 --save outputs/rrd
+
+""" + URL_EPILOG.format(command="view", args=" --save rrd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="the attention.zarr folder an evaluation wrote")
+    add_store_argument(parser, "a store, or a study (a folder or URL holding runs; see --run)", "STORE_OR_URL")
+    parser.add_argument("--run", default=None, metavar="R",
+                        help="the run to view when STORE_OR_URL is a study (default: its only run)")
     parser.add_argument("--episode", type=int, default=None, help="episode index (default: the store's first)")
     parser.add_argument("--mode", choices=("local", "distant"), default="local",
                         help="local: spawn a viewer here; distant: serve gRPC for a remote viewer (default local)")
     parser.add_argument("--save", default=None, metavar="DIR",
-                        help="write DIR/<store-name>_episode_<E>.rrd instead of showing it (no viewer)")
+                        help="write DIR/<store-name>_episode_<E>.rrd (DIR: a local folder) instead of showing it "
+                             "(no viewer)")
     parser.add_argument("--grpc-port", type=int, default=9876, help="gRPC port of --mode distant (default 9876)")
     parser.add_argument("--web-port", type=int, default=None,
                         help="also serve the web viewer on this port (implies --mode distant)")
@@ -76,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_sink(mode, args.grpc_port, args.web_port)  # before any reading
     options = ViewOptions(episode=args.episode, layers=args.layers, denoise=args.denoise, heads=args.heads,
                           action=args.action_idx, scale=args.scale)
-    data = open_episode(args.store, options)
+    data = open_episode(args.store, options, run=args.run, storage_options=storage_options(args.storage_option))
     for note in data.notes:
         print(f"note: {note}", file=sys.stderr)
     what = (f"episode {data.episode} ({data.outcome}): {len(data.env_step)} inferences, cameras "

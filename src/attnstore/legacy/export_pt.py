@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ Notify = Callable[[str], None]
 
 
 def export_pt(
-    store: str | os.PathLike[str],
+    store: str | os.PathLike[str] | Any,
     out_dir: str | os.PathLike[str],
     episodes: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
@@ -47,15 +47,19 @@ def export_pt(
     every_env_step: bool = False,
     progress: bool = True,
     notify: Notify | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write one legacy ``.pt`` per episode of ``store``; return the paths written, in episode order.
 
+    ``store``: anything :func:`attnstore.open_attention` opens (a path, an fsspec URL with
+    ``storage_options``, a zarr Store object); ``out_dir`` is a local folder.
     ``episodes``/``layers`` default to all committed ones. ``notify`` receives one-line notes
     (default: printed to stderr), e.g. for episodes without a table row.
     """
     import torch
     from tqdm.auto import tqdm
 
+    from attnstore.store.location import locate
     from attnstore.store.open import RUN_ATTR, episode_table, open_attention, spec_of
 
     if dtype not in L.DTYPES:
@@ -63,7 +67,8 @@ def export_pt(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     notify = notify or (lambda msg: tqdm.write(f"attnstore: {msg}", file=sys.stderr))
 
-    ds = open_attention(store)
+    location = locate(store, storage_options)
+    ds = open_attention(location)
     spec = spec_of(ds)
     run = ds.attrs.get(RUN_ATTR) or {}
     layer_idx = _layer_positions(spec.layers, layers)
@@ -75,7 +80,7 @@ def export_pt(
     wanted = stored if episodes is None else [int(e) for e in episodes]
     missing = [e for e in wanted if e not in stored]
     if missing:
-        raise StoreError(f"{store} has no episode {missing[0]}: stored episodes are {_short(stored)}")
+        raise StoreError(f"{location.name} has no episode {missing[0]}: stored episodes are {_short(stored)}")
     table = episode_table(ds)
     out_dir = Path(out_dir)
 

@@ -9,10 +9,10 @@ choosing rows/layers/cameras in :mod:`attnstore.readers.selection`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -124,14 +124,17 @@ class _Frame:
     rollout: int
 
 
-def write_overlays(store: str | os.PathLike[str], options: OverlayOptions) -> OverlayResult:
+def write_overlays(store: str | os.PathLike[str] | Any, options: OverlayOptions, *,
+                   storage_options: Mapping[str, Any] | None = None) -> OverlayResult:
     """Render the panels (and videos) ``options`` asks for; every choice is checked before drawing.
 
+    ``store``: anything :func:`attnstore.open_attention` opens (a path, an fsspec URL with ``storage_options``,
+    a zarr Store object); the outputs go to the local ``options.out_dir``.
     Returns the files written and notes (skipped cameras, missing images) for the user.
     """
     from attnstore.store.open import open_attention, spec_of
 
-    ds = open_attention(store)
+    ds = open_attention(store, storage_options=storage_options)
     spec = spec_of(ds)
     result = OverlayResult()
     rows = episode_rows(ds, options.episode)

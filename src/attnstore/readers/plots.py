@@ -16,8 +16,10 @@ alone (no attention chunk is read). The figures:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -98,15 +100,22 @@ class PlotResult:
 
 
 def write_plots(
-    store: str | os.PathLike[str], out_dir: str | os.PathLike[str], episode: int | None = None
+    store: str | os.PathLike[str] | Any, out_dir: str | os.PathLike[str], episode: int | None = None, *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PlotResult:
-    """Write the summary figures of one episode (or of all episodes) into ``out_dir``."""
+    """Write the summary figures of one episode (or of all episodes) into the local folder ``out_dir``.
+
+    ``store``: anything :func:`attnstore.open_attention` opens (a path, an fsspec URL with
+    ``storage_options``, a zarr Store object).
+    """
+    from attnstore.store.location import locate
     from attnstore.store.open import open_attention
 
-    ds = open_attention(store)
+    location = locate(store, storage_options)
+    ds = open_attention(location)
     rows = None if episode is None else episode_rows(ds, episode)
     if ds.sizes[S.INFERENCE] == 0:
-        raise SelectionError(f"{store} holds no committed inference: nothing to plot")
+        raise SelectionError(f"{location.name} holds no committed inference: nothing to plot")
     out = check_writable_dir(out_dir, "output folder", hint="pass --out DIR")  # before any figure is computed
     summary = summarize(ds, rows)
     try:

@@ -21,6 +21,7 @@ its env step on the timelines ``frame_index`` (env step = video frame) and ``tim
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -351,12 +352,16 @@ def _info_text(data: EpisodeData) -> str:
     return "\n".join(f"- **{k}**: {v}" for k, v in rows)
 
 
-def open_episode(store, options: ViewOptions) -> EpisodeData:
-    """Open ``store`` (a path or anything :func:`attnstore.open_attention` takes) and load one episode."""
+def open_episode(store, options: ViewOptions, *, run: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> EpisodeData:
+    """Open ``store`` (anything :func:`attnstore.open_attention` takes: a path, an fsspec URL with
+    ``storage_options``, a zarr Store object) or run ``run`` of a study (a folder/URL holding runs, as
+    :func:`attnstore.open_study` reads) and load one episode."""
     from attnstore import open_attention
+    from attnstore.readers.runs import pick_run
 
-    name = str(store).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr") or "attention"
-    data = load_episode(open_attention(store), options, name=name)
+    location, name = pick_run(store, run, storage_options)
+    data = load_episode(open_attention(location), options, name=name)
     data.info["choices"] = {"heads": options.heads, "action tokens": options.action,
                             "heat-map scale": "share of the camera's attention" if options.scale == "camera"
                             else "share of all attention"}
