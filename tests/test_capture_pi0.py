@@ -27,6 +27,7 @@ from attnstore.errors import CaptureError  # noqa: E402
 from attnstore.schema import EpisodeRecord, TokenLayout  # noqa: E402
 from attnstore.store.open import open_attention  # noqa: E402
 from attnstore.store.writer import AttentionWriter  # noqa: E402
+from spies import spy_appends  # noqa: E402
 
 TASKS = ("pick up the alphabet soup and place it in the basket", "put the bowl on the plate")
 CAM = "observation.images."
@@ -97,29 +98,6 @@ def expert_attn(policy, i):
 
 def vlm_attn(policy, i):
     return policy.model.paligemma_with_expert.paligemma.model.language_model.layers[i].self_attn
-
-
-def spy_appends(writer):
-    """Copies of every InferenceBatch's attention as the writer reads it (after its ``ready`` callback)."""
-    seen = []
-    original = writer.append
-
-    def append(batch):
-        entry = {"episodes": np.asarray(batch.episodes).copy()}
-        ready = batch.ready
-
-        def snapshot():  # the writer thread runs it before reading the batch (the CPU path fills it there)
-            if ready is not None:
-                ready()
-            entry["attention"] = torch.as_tensor(batch.attention).clone()
-            entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
-
-        seen.append(entry)
-        batch.ready = snapshot
-        return original(batch)
-
-    writer.append = append
-    return seen
 
 
 def expected_regions() -> list[str]:

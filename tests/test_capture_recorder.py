@@ -23,6 +23,7 @@ from attnstore.capture.tiny import build_tiny_policy, tiny_config  # noqa: E402
 from attnstore.errors import CaptureError  # noqa: E402
 from attnstore.store.open import open_attention  # noqa: E402
 from attnstore.store.writer import AttentionWriter  # noqa: E402
+from spies import spy_appends  # noqa: E402
 
 TASK = "pick up the alphabet soup and place it in the basket"
 CAM = "observation.images."
@@ -86,34 +87,6 @@ def expert_attn(policy, i):
 
 def vlm_attn(policy, i):
     return policy.model.paligemma_with_expert.paligemma.model.language_model.layers[i].self_attn
-
-
-def spy_appends(writer):
-    """Copies of every InferenceBatch's attention as the writer reads it (before encoding): after the
-    batch's ``ready`` callback, which on the CPU copies the held probabilities into it on the writer thread."""
-    seen = []
-    original = writer.append
-
-    def append(batch):
-        entry = {
-            "times": np.asarray(batch.times),
-            "episodes": np.asarray(batch.episodes).copy(),
-            "keep": np.ones(len(batch.episodes), bool) if batch.keep is None else np.asarray(batch.keep).copy(),
-        }
-        ready = batch.ready
-
-        def snapshot():
-            if ready is not None:
-                ready()
-            entry["attention"] = torch.as_tensor(batch.attention).clone()
-            entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
-
-        seen.append(entry)
-        batch.ready = snapshot
-        return original(batch)
-
-    writer.append = append
-    return seen
 
 
 def test_matches_independent_softmax_and_round_trips(tiny, tmp_path):

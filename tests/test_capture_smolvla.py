@@ -30,6 +30,7 @@ from attnstore.errors import CaptureError  # noqa: E402
 from attnstore.schema import EpisodeRecord  # noqa: E402
 from attnstore.store.open import open_attention  # noqa: E402
 from attnstore.store.writer import AttentionWriter  # noqa: E402
+from spies import spy_appends  # noqa: E402
 
 TASKS = ("pick up the alphabet soup and place it in the basket", "put the bowl on the plate")
 CAM = "observation.images."
@@ -92,28 +93,6 @@ class SmolSpy:
             yield self
         finally:
             SmolVLMWithExpertModel.eager_attention_forward = original
-
-
-def spy_appends(writer):
-    seen = []
-    original = writer.append
-
-    def append(batch):
-        entry = {}
-        ready = batch.ready
-
-        def snapshot():  # the writer thread runs it before reading the batch (the CPU path fills it there)
-            if ready is not None:
-                ready()
-            entry["attention"] = torch.as_tensor(batch.attention).clone()
-            entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
-
-        seen.append(entry)
-        batch.ready = snapshot
-        return original(batch)
-
-    writer.append = append
-    return seen
 
 
 def layout_of(policy) -> dict:
