@@ -109,15 +109,12 @@ def quantise_on_device(x):
 def check_finite_flags(nonfinite, episodes, env_step) -> None:
     """Raise the writer's one-line error for the first row flagged by :func:`quantise_on_device`."""
     from attnstore.errors import SchemaError
+    from attnstore.store.batch import nonfinite_message
 
     flags = np.asarray(nonfinite.numpy() if hasattr(nonfinite, "numpy") else nonfinite, dtype=bool).reshape(-1)
     if flags.any():
         i = int(np.flatnonzero(flags)[0])
-        raise SchemaError(
-            f"attention of the inference at env step {env_step} of episode {int(episodes[i])} has non-finite "
-            f"values (NaN/inf), which the uint16 encoding cannot store: run the policy in float32/bfloat16 "
-            f"instead of float16, or capture with encoding float32 to keep them"
-        )
+        raise SchemaError(nonfinite_message("attention", int(env_step), int(episodes[i])))
 
 
 def to_host(tensor, cuda: bool):

@@ -153,8 +153,15 @@ def check_finite(name: str, values: np.ndarray, episodes: np.ndarray, env_steps:
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise SchemaError(
-            f"{name} of the inference at env step {env_steps[i]} of episode {episodes[i]} has non-finite values "
+        raise SchemaError(nonfinite_message(name, int(env_steps[i]), int(episodes[i])))
+
+
+def nonfinite_message(name: str, env_step: int, episode: int) -> str:
+    """The one line for a non-finite row (here, and for the flags of the device path in capture/buffers.py).
+
+    >>> nonfinite_message("attention", 40, 2)[:75]
+    'attention of the inference at env step 40 of episode 2 has non-finite value'
+    """
+    return (f"{name} of the inference at env step {env_step} of episode {episode} has non-finite values "
             f"(NaN/inf), which the uint16 encoding cannot store: run the policy in float32/bfloat16 instead of "
-            f"float16, or capture with encoding float32 to keep them"
-        )
+            f"float16, or capture with encoding float32 to keep them")
