@@ -64,11 +64,12 @@ def eval_args(policy: Path, out: Path, steps: int, episodes: int, seed: int, bat
     ]
 
 
-def run_once(capture: bool, policy: Path, out: Path, args: argparse.Namespace, src: Path | None = None) -> dict[str, float]:
+def run_once(capture: bool, policy: Path, out: Path, args: argparse.Namespace, src: Path | None = None,
+             nice: int | None = None) -> dict[str, float]:
     common = eval_args(policy, out, args.steps, args.episodes, args.seed, args.batch_size)
     if capture:
         cmd = [sys.executable, "-c", "import sys; from attnstore.cli import main; sys.exit(main())", "eval", *common,
-               f"--attention.layers={args.layers}"]
+               f"--attention.layers={args.layers}", *([f"--attention.writer_nice={nice}"] if nice is not None else [])]
     else:
         cmd = [sys.executable, "-c", PLAIN_LEROBOT_EVAL, str(policy), *common]
     env = dict(os.environ)
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--layers", default="last:2", help="--attention.layers (default last:2)")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="an earlier attnstore src/ tree: adds 'capture on (baseline)' to the rotation")
+    parser.add_argument("--writer-nice", type=int, default=None,
+                        help="adds 'capture on' with --attention.writer_nice=N to the rotation")
     parser.add_argument("--policy", type=Path, default=None, help="tiny checkpoint (default: build one in a temp dir)")
     args = parser.parse_args()
 
@@ -106,14 +109,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp_path = Path(tmp)
         policy = args.policy or make_tiny_policy(tmp_path / "tiny_pi05")
-        variants = ["off", "on"] + (["baseline"] if args.baseline_src else [])
+        variants = ["off", "on"] + (["baseline"] if args.baseline_src else []) + (["nice"] if args.writer_nice is not None else [])
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         last_store = None
         for i in range(args.repeats):
             for v in variants[i % len(variants):] + variants[: i % len(variants)]:
                 out = tmp_path / f"{v}_{i}"
                 src = args.baseline_src if v == "baseline" else None
-                results[v].append(run_once(v != "off", policy, out, args, src))
+                results[v].append(run_once(v != "off", policy, out, args, src, args.writer_nice if v == "nice" else None))
                 if v == "on":
                     last_store = out / "attention.zarr"
                 print(f"  run {i} capture {v}: {results[v][-1]}", flush=True)
@@ -128,7 +131,7 @@ def main() -> None:
         print(f"LIBERO libero_object task 0, tiny Pi0.5, B={args.batch_size}, {args.episodes} episode(s) x "
               f"{args.steps} env steps, --attention.layers={args.layers}, seed {args.seed}; medians of "
               f"{args.repeats} interleaved runs, ratios paired per repeat")
-        labels = {"off": "capture off", "on": "capture on", "baseline": "on (baseline)"}
+        labels = {"off": "capture off", "on": "capture on", "baseline": "on (baseline)", "nice": f"on, nice {args.writer_nice}"}
         print(f"{'metric':<34}" + "".join(f"{labels[v]:>15}" for v in variants)
               + "".join(f"{'ratio ' + v:>16}" for v in variants[1:]))
         for key, label in (("eval_s", "lerobot eval loop (eval_s) [s]"), ("wall_s", "process wall time [s]")):
@@ -168,7 +171,8 @@ def main() -> None:
         print("reproduce: .venv/bin/python bench/bench_eval.py "
               f"--repeats {args.repeats} --steps {args.steps} --episodes {args.episodes} --seed {args.seed} "
               f"--batch-size {args.batch_size} --layers {args.layers}"
-              + (f" --baseline-src {args.baseline_src}" if args.baseline_src else ""))
+              + (f" --baseline-src {args.baseline_src}" if args.baseline_src else "")
+              + (f" --writer-nice {args.writer_nice}" if args.writer_nice is not None else ""))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ attention options (defaults in brackets):
   --attention.summary=true|false                    store per-layer summaries of every layer (region
                                                     mass, entropy, camera grids; a few % of a last:2
                                                     store) [true]
+  --attention.writer_nice=0..19                     the writer's encoding threads yield the CPU to the
+                                                    policy (Linux; for few cores and one eval per node)
+                                                    [none]
   --attention.overwrite=true|false                  replace an existing store at the same path [false]
   --attention.store=PATH.zarr                       where to write it [<output_dir>/attention.zarr]
 

@@ -125,7 +125,8 @@ def make_writer(store_path: Path, attention: AttentionConfig, run: RunInfo):
 
     try:
         return AttentionWriter(
-            store_path, run=run.to_dict(), mode="overwrite" if attention.overwrite else "create"
+            store_path, run=run.to_dict(), mode="overwrite" if attention.overwrite else "create",
+            nice=attention.writer_nice,
         )
     except StoreError as exc:
         if attention.overwrite or not store_path.exists():

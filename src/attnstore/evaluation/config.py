@@ -18,6 +18,7 @@ from pathlib import Path
 from attnstore import selection as sel
 from attnstore.errors import EvalConfigError
 from attnstore.schema import ENCODINGS
+from attnstore.store.priority import check_nice
 
 PREFIX = "--attention."
 Selection = sel.Normalised  # a keyword ("all", "final", "last:2") or explicit indices
@@ -48,6 +49,9 @@ class AttentionConfig:
     actions: bool = True  # store the predicted action chunks
     encoding: str = "portable"  # portable | compact | analysis | float32 (schema/encoding.py); uint16 = portable
     summary: bool = True  # per-layer summaries of every layer (capture/summary.py), whatever ``layers`` keeps
+    # nice value (0..19) of the writer's encoding threads, so they yield the CPU to the policy (Linux;
+    # store/priority.py says why it is not the default); None = the process's own
+    writer_nice: int | None = None
     overwrite: bool = False  # replace an existing attention store at the same path
     store: Path | None = None  # default: <output_dir>/attention.zarr
 
@@ -59,6 +63,10 @@ class AttentionConfig:
             raise EvalConfigError(
                 f"--attention.encoding={self.encoding}: choose one of {', '.join(ENCODINGS)}"
             )
+        try:
+            check_nice(self.writer_nice)
+        except ValueError as exc:
+            raise EvalConfigError(f"--attention.writer_nice={self.writer_nice}: {exc}") from None
         self.episodes = sel.parse_episodes(
             self.episodes, error=EvalConfigError, label=f"--attention.episodes={self.episodes}"
         )

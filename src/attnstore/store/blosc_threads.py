@@ -57,6 +57,18 @@ class BloscThreads:
             if self._users and self._saved is not None:
                 blosc.use_threads = True if on else self._saved[0]
 
+    def restart_pool(self) -> None:
+        """Stop blosc's thread pool, so that the next threaded compression (on a zarr worker whose nice value
+        :mod:`attnstore.store.priority` raised) starts it again and its threads inherit that value; the
+        thread count stays. A no-op while blosc is single-threaded."""
+        from numcodecs import blosc
+
+        with self._lock:  # (numcodecs' set_nthreads takes its own compression mutex)
+            threads = blosc.get_nthreads() if hasattr(blosc, "get_nthreads") else 1
+            if threads > 1:
+                blosc.set_nthreads(1)  # c-blosc stops its pool when the count changes ...
+                blosc.set_nthreads(threads)  # ... and starts one again at its next threaded compression
+
     def release(self) -> None:
         from numcodecs import blosc
 

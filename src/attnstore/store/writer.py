@@ -54,6 +54,7 @@ from attnstore.store.batch import (
 from attnstore.store.blosc_threads import BLOSC, default_encode_threads
 from attnstore.store.create import WriteMode, open_for_writing, preflight
 from attnstore.store.lock import release_lock
+from attnstore.store.priority import check_nice, yield_to_policy
 from attnstore.store.snapshot import Snapshot
 from attnstore.store.stats import WriterStats, directory_bytes
 
@@ -91,7 +92,9 @@ class AttentionWriter:
     calls of the process (reads too) use its threads, serialised by numcodecs' lock; it is restored when
     the last writer closes. ``on_progress(stats)``, when set, is called from ``append`` on the caller's
     thread at most every :data:`PROGRESS_INTERVAL_S` seconds and after every wait (for a progress bar:
-    ``bar.set_postfix(writer.stats.postfix(writer.queue_depth))``).
+    ``bar.set_postfix(writer.stats.postfix(writer.queue_depth))``). ``nice`` (0..19, Linux): the writer
+    thread and zarr's encoding threads yield the CPU to the policy (:mod:`attnstore.store.priority`, which
+    says why it is not the default).
     """
 
     def __init__(
@@ -104,12 +107,17 @@ class AttentionWriter:
         max_queue: int = 4,
         encode_threads: int | None = None,
         on_progress: Callable[[WriterStats], None] | None = None,
+        nice: int | None = None,
     ) -> None:
         if max_queue < 1:
             raise WriterError(f"max_queue must be >= 1, got {max_queue}")
         if encode_threads is not None and encode_threads < 1:
             raise WriterError(f"encode_threads must be >= 1, got {encode_threads}")
         self.encode_threads = int(encode_threads or default_encode_threads())
+        try:
+            self.nice = check_nice(nice)
+        except ValueError as exc:
+            raise WriterError(str(exc)) from None
         self.on_progress = on_progress
         self._last_progress = 0.0
         self.path = Path(path)
@@ -251,6 +259,9 @@ class AttentionWriter:
 
     # ---- writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        if self.nice:
+            yield_to_policy(self.nice)
+            BLOSC.restart_pool()  # blosc's threads: started again by a niced zarr worker
         while True:
             item = self._queue.get()
             try:
