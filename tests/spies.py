@@ -11,7 +11,10 @@ import numpy as np
 def spy_appends(writer) -> list[dict]:
     """Copies of every InferenceBatch the writer gets: times, episodes and keep at ``append``; attention and
     prefix attention after the batch's ``ready`` callback (on the CPU the writer thread fills them there,
-    before encoding). Entries are complete once the writer has flushed or closed."""
+    before encoding). Attention the recorder quantised already (uint16: the quantised encodings, on the held
+    and device paths) is given as the writer stores it, bits / 65535 in float32, with ``quantised`` True;
+    tests of the exact probabilities record with ``encoding="float32"``. Entries are complete once the
+    writer has flushed or closed."""
     import torch
 
     seen: list[dict] = []
@@ -28,7 +31,9 @@ def spy_appends(writer) -> list[dict]:
         def snapshot():
             if ready is not None:
                 ready()
-            entry["attention"] = torch.as_tensor(batch.attention).clone()
+            attention = torch.as_tensor(batch.attention)
+            entry["quantised"] = attention.dtype == torch.uint16
+            entry["attention"] = attention.float() / 65535 if entry["quantised"] else attention.clone()
             entry["prefix"] = None if batch.prefix_attention is None else torch.as_tensor(batch.prefix_attention).clone()
 
         seen.append(entry)

@@ -155,7 +155,8 @@ def test_layout_masks_rows_images_language(tiny, tmp_path):
     tokenizer = find_tokenizer(pre)
     with AttentionWriter(store) as writer:
         seen = spy_appends(writer)
-        with AttentionRecorder(policy, writer, layers="last:1", denoise_steps="0,-1", tokenizer=tokenizer):
+        with AttentionRecorder(policy, writer, layers="last:1", denoise_steps="0,-1", tokenizer=tokenizer,
+                               encoding="float32"):  # the exact probabilities: rows sum to 1
             policy.reset()
             policy.select_action(batch)
     ds = open_attention(store)

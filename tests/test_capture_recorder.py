@@ -97,8 +97,8 @@ def test_matches_independent_softmax_and_round_trips(tiny, tmp_path):
     with AttentionWriter(store) as writer:
         seen = spy_appends(writer)
         with spy.installed(), AttentionRecorder(
-            policy, writer, layers="all", prefix=[1], tokenizer=find_tokenizer(pre), encoding="uint16"
-        ) as rec:
+            policy, writer, layers="all", prefix=[1], tokenizer=find_tokenizer(pre), encoding="float32"
+        ) as rec:  # float32: the exact probabilities reach the writer (uint16 ones are quantised before)
             policy.reset()
             torch.manual_seed(1)
             policy.select_action(batch)
@@ -133,7 +133,8 @@ def test_masks_layout_images_language(tiny, tmp_path):
     tokenizer = find_tokenizer(pre)
     with AttentionWriter(store) as writer:
         seen = spy_appends(writer)
-        with AttentionRecorder(policy, writer, layers="last:1", denoise_steps="0,-1", tokenizer=tokenizer):
+        with AttentionRecorder(policy, writer, layers="last:1", denoise_steps="0,-1", tokenizer=tokenizer,
+                               encoding="float32"):  # the exact probabilities: rows sum to 1
             policy.reset()
             policy.select_action(batch)
     ds = open_attention(store)

@@ -232,7 +232,8 @@ def test_device_path_stores_what_the_cpu_path_stores(tiny3, tmp_path, encoding):
 def test_staged_path_under_inference_mode_as_lerobot_eval_runs_it(tiny3, tmp_path):
     """lerobot-eval wraps rollouts in torch.inference_mode(): the writer thread's deferred work must cope."""
     rec = record(tiny3, tmp_path / "a.zarr", staged=None, inference_mode=True)  # summaries on the writer thread
-    assert rec._ring._buffers[0].staging is not None and rec._ring._buffers[0].attention.dtype == torch.float32
+    # held: the writer thread quantises the references straight into the uint16 bits of the host buffer
+    assert rec._ring._buffers[0].staging is not None and rec._ring._buffers[0].attention.dtype == torch.int16
     record(tiny3, tmp_path / "b.zarr", staged=False, inference_mode=True)
     record(tiny3, tmp_path / "c.zarr", staged=True, device_path=True, inference_mode=True)
     for other in ("b.zarr", "c.zarr"):
@@ -241,6 +242,59 @@ def test_staged_path_under_inference_mode_as_lerobot_eval_runs_it(tiny3, tmp_pat
     assert a.sizes["inference"] == 5
     np.testing.assert_allclose(a.summary_entropy.values.astype(np.float32), b.summary_entropy.values.astype(np.float32),
                                rtol=2.0**-10, atol=1e-7)
+
+
+@pytest.mark.lerobot
+def test_the_writer_threads_torch_work_is_single_threaded_and_the_policys_is_not(tiny3, tmp_path, monkeypatch):
+    """torch's OpenMP would give the writer thread a thread team of its own beside the policy's, which made
+    GNU OpenMP stop spin-waiting and every later model run ~1.6x slower (capture/hooks.py serial_torch)."""
+    from attnstore.capture import hooks
+
+    before = torch.get_num_threads()
+    seen = []
+    real = hooks.put_summary
+
+    def spy(*args):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(*args)
+
+    monkeypatch.setattr(hooks, "put_summary", spy)
+    record(tiny3, tmp_path / "a.zarr", staged=None, inference_mode=True)  # the held path: summaries on the writer
+    assert seen and {name for name, _ in seen} == {"attnstore-writer"}
+    assert {n for _, n in seen} == {1}
+    assert torch.get_num_threads() == before  # the policy's thread keeps its own count
+
+
+@pytest.mark.lerobot
+@pytest.mark.parametrize("keep_bad_row", [True, False])
+def test_held_path_refuses_a_non_finite_row_it_stores(tiny3, tmp_path, keep_bad_row):
+    """The held path quantises on the writer thread: a NaN in a stored row is refused with the writer's
+    message (nothing of that row written), a NaN in a row no longer recorded (finished env) is not."""
+    from attnstore.capture import AttentionRecorder
+    from attnstore.capture.policies import adapter_for
+    from attnstore.capture.tiny import example_model_batch
+
+    def poison(module, args, kwargs, output):  # runs before the recorder's hook (registered first)
+        probs = output[1].clone()
+        probs[1, 0, 0, 0] = float("nan")
+        return output[0], probs
+
+    handle = adapter_for(tiny3).register_expert_hook(2, poison)
+    path = tmp_path / "nan.zarr"
+    try:
+        writer = AttentionWriter(path)
+        with AttentionRecorder(tiny3, writer, layers="last:2") as rec, torch.inference_mode():
+            tiny3.reset()
+            rec.set_active([True, keep_bad_row])
+            tiny3.select_action(example_model_batch(2))
+            if keep_bad_row:
+                with pytest.raises(WriterError, match="env step 0 of episode 1 has non-finite"):
+                    writer.close()
+            else:
+                writer.close()
+    finally:
+        handle.remove()
+    assert open_attention(path).sizes["inference"] == (0 if keep_bad_row else 1)
 
 
 @pytest.mark.lerobot

@@ -5,7 +5,8 @@ writer thread runs (``ready_after``) to wait for them. On CPU the copies are pla
 
 On the device path (CUDA) the attention is quantised on the device before its one copy to the host
 (:func:`quantise_on_device`: the writer's round(p * 65535), bit for bit): half the bytes over PCIe and no
-cast on the writer thread. The host buffer then holds the uint16 bits as int16 (a cast every device
+cast on the writer thread. On the CPU's held path the writer thread quantises the model's probabilities
+straight into the host buffer (:func:`quantise_into`): no float32 copy, and the writer gets uint16. The host buffer then holds the uint16 bits as int16 (a cast every device
 supports) and is handed over as a uint16 view.
 """
 
@@ -106,12 +107,38 @@ def quantise_on_device(x):
     return scaled.to(torch.int32).to(torch.int16), bad  # int32 -> int16 keeps the low 16 bits
 
 
-def check_finite_flags(nonfinite, episodes, env_step) -> None:
-    """Raise the writer's one-line error for the first row flagged by :func:`quantise_on_device`."""
+def quantise_into(dest, probs, scratch):
+    """Held path (CPU): write uint16 round(p * 65535) of ``probs`` (B, ...) into ``dest`` (a uint16 view of
+    the same shape) through the float32 ``scratch``, and return per-row non-finite flags (B,). Three
+    in-place passes and one reduction (the non-finite test is the row sum: NaN and inf survive it); the
+    same float32 operations as :func:`attnstore.schema.encoding.quantise`, so the integers are the writer's.
+
+    >>> import torch
+    >>> p = torch.tensor([[0.0, 0.5, 1.0, 1.0000001, -1e-9]])
+    >>> dest, scratch = torch.empty(p.shape, dtype=torch.uint16), torch.empty(p.shape)
+    >>> quantise_into(dest, p, scratch).tolist(), dest.tolist()
+    ([False], [[0, 32768, 65535, 65535, 0]])
+    """
+    import torch
+
+    from attnstore.schema.encoding import UINT16_SCALE
+
+    torch.mul(probs, float(UINT16_SCALE), out=scratch)
+    bad = ~torch.isfinite(scratch.reshape(scratch.shape[0], -1).sum(dim=1))
+    scratch.add_(0.5).clamp_(0.0, float(UINT16_SCALE))
+    dest.copy_(scratch)  # float -> uint16 truncates, as numpy's astype does
+    return bad
+
+
+def check_finite_flags(nonfinite, episodes, env_step, keep=None) -> None:
+    """Raise the writer's one-line error for the first row flagged by :func:`quantise_on_device` or
+    :func:`quantise_into` (of the rows ``keep`` stores, when given)."""
     from attnstore.errors import SchemaError
     from attnstore.store.batch import nonfinite_message
 
     flags = np.asarray(nonfinite.numpy() if hasattr(nonfinite, "numpy") else nonfinite, dtype=bool).reshape(-1)
+    if keep is not None:
+        flags = flags & np.asarray(keep, dtype=bool).reshape(-1)
     if flags.any():
         i = int(np.flatnonzero(flags)[0])
         raise SchemaError(nonfinite_message("attention", int(env_step), int(episodes[i])))

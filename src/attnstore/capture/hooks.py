@@ -5,8 +5,9 @@ Three paths, chosen per model run by the recorder (:class:`ModelRun` ``staged`` 
 
 * **held** (the CPU default): each expert hook keeps a *reference* to the probabilities lerobot's eager
   attention returned (a fresh tensor per call that nothing writes afterwards), so the inference thread pays
-  no copy at all; the writer thread then copies the stored layers into the batch's host buffer and computes
-  the summaries of every layer from the references (:func:`deferred_work`, run before it reads the batch);
+  no copy at all; the writer thread then quantises the stored layers into the batch's host buffer (uint16,
+  as the device path hands over) and computes the summaries of every layer from the references
+  (:func:`deferred_work`, run before it reads the batch);
 * **device** (CUDA): each hook does one copy into a device staging buffer; once per model run the summaries
   of all layers run there in a few kernels, and the stored layers are quantised there
   (:func:`~attnstore.capture.buffers.quantise_on_device`), so only uint16 crosses to the host, in one copy;
@@ -15,13 +16,14 @@ Three paths, chosen per model run by the recorder (:class:`ModelRun` ``staged`` 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from attnstore.capture.buffers import HostBuffers, quantise_on_device, to_host
+from attnstore.capture.buffers import HostBuffers, check_finite_flags, quantise_into, quantise_on_device, to_host
 from attnstore.capture.summary import SummaryBuffers
 from attnstore.errors import CaptureError
 
@@ -153,33 +155,70 @@ class RecorderHooks:
 
 
 def deferred_work(run: ModelRun, hooked: tuple[int, ...], spec: Any, plan: Any) -> Callable[[], None]:
-    """The held path's writer-thread callback: copy the stored layers' probabilities into the batch's host
-    buffer, compute every summarised layer's summaries, then drop the references."""
+    """The held path's writer-thread callback: the stored layers' probabilities into the batch's host buffer
+    (quantised there, :func:`~attnstore.capture.buffers.quantise_into`, when the encoding stores uint16;
+    copied as they are for float32), every summarised layer's summaries, then the references dropped and
+    the non-finite rows refused with the writer's message."""
     stored = [(i, spec.layers.index(layer)) for i, layer in enumerate(hooked) if layer in spec.layers]
     summarised = [(i, spec.summary_layers.index(layer)) for i, layer in enumerate(hooked)
                   if layer in spec.summary_layers]
 
+    import torch
+
     held = run.buffers.staging
+    host = run.buffers.attention
+    quantised = host.dtype == torch.int16  # the uint16 bits of a quantised encoding
 
     def ready() -> None:
-        import torch
-
+        serial_torch()
         # lerobot-eval runs the policy under torch.inference_mode(): the run's tensors are inference
         # tensors, which only accept in-place writes inside inference mode (on this thread too)
         with torch.inference_mode():
+            bits = host.view(torch.uint16) if quantised else None
+            scratch, bad = None, None
             for d, layers in enumerate(held):
                 for i, slot in stored:
-                    run.buffers.attention[:, d, slot].copy_(layers[i])
+                    if bits is None:
+                        host[:, d, slot].copy_(layers[i])
+                        continue
+                    if scratch is None:
+                        scratch = torch.empty(layers[i].shape, dtype=torch.float32)
+                    flags = quantise_into(bits[:, d, slot], layers[i], scratch)
+                    bad = flags if bad is None else bad | flags
                 if run.summary is None or run.summary.region_mass is None:
                     continue
                 for i, slot in summarised:
                     put_summary(run.summary, (slice(None), d, slot), plan.expert(layers[i], run.valid))
         held.clear()  # the model's tensors can go
+        if bad is not None:
+            check_finite_flags(bad, run.episodes, run.env_step, run.keep)
 
     return ready
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+_THREAD = threading.local()
+
+
+def serial_torch() -> None:
+    """Run torch's CPU ops on the calling thread (the writer's) single-threaded, from now on.
+
+    torch's OpenMP gives every thread that runs a parallel op a team of its own. Once the writer thread
+    had one beside the policy's, GNU OpenMP saw more threads than cores and stopped spin-waiting: every
+    parallel region of the policy then paid a sleep and a wake-up, and the tiny policy's model runs
+    stayed ~1.6x slower for the rest of the process, recorder detached or not (measured on 2 cores;
+    ``tests/test_writer_throughput.py`` checks the thread counts). ``torch.set_num_threads(1)`` here
+    sets this thread's OpenMP and MKL thread counts; the policy's thread keeps its own (a thread that
+    first runs torch later starts with 1 too: torch keeps the last value set as its default).
+    """
+    if getattr(_THREAD, "serial", False):
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    _THREAD.serial = True
+
+
 def put_summary(out: SummaryBuffers, index: tuple, summary: tuple[Any, Any, Any]) -> None:
     """Copy one (mass, entropy, grid) of :meth:`SummaryPlan.expert` into the run's buffers at ``index``."""
     mass, ent, grid = summary

@@ -13,9 +13,9 @@ Capture points (lerobot 0.6.1, eager attention forced by Pi0.5 itself):
 One :class:`~attnstore.store.writer.InferenceBatch` per model run goes to the writer, whose thread
 does the encoding and disk I/O. On CUDA the hooks copy into a device staging buffer, quantised and copied
 to pinned host buffers once per run, and the batch carries an event the writer waits on; on CPU the hooks
-only keep references and the writer thread copies and summarises (:mod:`attnstore.capture.hooks`). Hooks are
-wrapped in ``torch.compiler.disable`` so ``compile_model=True`` graphs break around them instead of
-recompiling every step.
+only keep references and the writer thread quantises (or copies) and summarises them
+(:mod:`attnstore.capture.hooks`). Hooks are wrapped in ``torch.compiler.disable`` so ``compile_model=True``
+graphs break around them instead of recompiling every step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from attnstore import schema as S
 from attnstore.capture import layout as L
 from attnstore.capture.buffers import BufferRing, HostBuffers, check_finite_flags, ready_after, to_host
 from attnstore.capture.episodes import EpisodeBook
-from attnstore.capture.hooks import ModelRun, RecorderHooks, slot
+from attnstore.capture.hooks import ModelRun, RecorderHooks, host_attention, slot
 from attnstore.capture.policies import adapter_for
 from attnstore.capture.summary import SummaryBuffers, SummaryPlan
 from attnstore.selection import Selection, parse_denoise_steps, parse_layers
@@ -119,7 +119,7 @@ class AttentionRecorder(RecorderHooks):
         self._plan: SummaryPlan | None = None
         # expert layers with a hook: stored in full, summarised, or both (their order in the staging buffer)
         self._hooked = tuple(sorted(set(self.layers) | set(self.summary_layers)))
-        # The paths of capture/hooks.py: held (CPU default: the hooks keep references, the writer thread copies
+        # The paths of capture/hooks.py: held (CPU default: the hooks keep references, the writer thread quantises
         # and summarises), device (CUDA default: one device staging buffer, summaries and quantisation there).
         # _stage_summaries=False: the per-hook path (copies and summaries in each hook; no staging memory).
         # _device_path=True forces the device path on the CPU (tests: every line of it runs without CUDA).
@@ -284,7 +284,7 @@ class AttentionRecorder(RecorderHooks):
             episodes=episodes,
             env_step=self.episodes.env_step,
             keep=keep,
-            buffers=self._next_buffers(b, tokens.device, device_path),
+            buffers=self._next_buffers(b, tokens.device, bool(staged)),
             language=(np.where(mask, ids, S.LANGUAGE_PAD_ID).astype(np.int32), mask),
             state=batch[OBS_STATE] if S.STATE in self.spec.extra_shapes else None,
             summary=summary,
@@ -334,13 +334,14 @@ class AttentionRecorder(RecorderHooks):
                 f"one store holds one layout: write another store"
             )
 
-    def _next_buffers(self, b: int, device, device_path: bool = False) -> HostBuffers:
+    def _next_buffers(self, b: int, device, staged: bool = False) -> HostBuffers:
         import torch
 
         spec = self.spec
         shape = (b, *spec.attention_shape_per_inference)
         pshape = (b, *spec.prefix_attention_shape_per_inference) if spec.prefix_layers else None
-        dtype = torch.int16 if device_path and spec.encoding in QUANTISED else torch.float32
+        # quantised encodings: the uint16 bits (as int16) on the device and the held path; float32 per hook
+        dtype = torch.int16 if staged and spec.encoding in QUANTISED else torch.float32
         return self._ring.take(shape, pshape, device, self.inferences, getattr(self.writer, "pending", None), dtype)
 
     def _finish(self, run: ModelRun, actions) -> None:
@@ -362,7 +363,7 @@ class AttentionRecorder(RecorderHooks):
         if run.device_path:
             attention, nonfinite = self._from_staging(run, cuda)
         elif run.staged:  # held: stored layers and summaries on the writer thread, before it reads the batch
-            deferred = self._deferred(run)
+            attention, deferred = host_attention(run.buffers), self._deferred(run)
         small = {"times": torch.cat(run.times).float()}
         if run.state is not None:
             small["state"] = run.state.float()
