@@ -8,11 +8,13 @@ runs, ``n_action_steps`` calls each, the LIBERO rollout pattern) once per config
 order so that machine noise hits all of them alike: no recorder, recorder on the last 2 expert
 layers without and with the per-layer summaries of every layer, recorder on all layers. Recording
 writes to a real Zarr store in a temporary directory (portable uint16 encoding, background writer
-thread). Reported: median seconds per model run end to end (writer encoding concurrently on the same
-cores), the same with the writer drained between runs (the recorder's own cost on the caller's
-thread), ratios to no recorder, the writer thread's time per row and its throughput (GB/s of raw
-float32), the deepest its queue got, how long the loop waited for it, MB per row on disk, and peak
-host RSS (and on CUDA peak device memory) per configuration. ``--batch-size 1,10`` measures each B in
+thread). Reported: median seconds per model run end to end, until the loop's rows are written (writer
+encoding concurrently on the same cores, the final flush timed), the same with the writer drained
+between runs (the recorder's own cost on the caller's thread), ratios to no recorder, the writer thread's
+time per row and its throughput (GB/s of raw float32), the deepest its queue got, how long the loop
+waited for it, MB per row on disk, and peak host RSS (and on CUDA peak device memory) per configuration.
+``--writer-nice N`` runs the writers with ``AttentionWriter(nice=N)`` (their encoding yields the CPU to
+the policy; one value per run, since zarr's threads keep it). ``--batch-size 1,10`` measures each B in
 turn (one table per B).
 
 Full size on a GPU (``--full-size``): a random-weight Pi0.5 at lerobot 0.6.1's PI05Config defaults
@@ -83,11 +85,15 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time, "process": time.pr
 FIXED_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 
 
-def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None, clock=time.perf_counter) -> list[float]:
+def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None, clock=time.perf_counter,
+             written=None) -> list[float]:
     """Seconds per model run of a select_action loop (the queue-served calls are included).
 
     With ``writer`` given, the writer is drained between model runs outside the timed part, which
-    isolates the recorder's own cost on the caller's thread from the writer thread's encoding.
+    isolates the recorder's own cost on the caller's thread from the writer thread's encoding. With
+    ``written`` (a writer) given instead, one figure: the loop's time until that writer has written its
+    rows (the loop plus the final flush), per model run: the encoding a writer leaves for after the loop
+    (more of it when it yields the CPU, ``--writer-nice``) is counted, not pushed into the next loop.
     ``sync`` waits for the device (``torch.cuda.synchronize``) at both ends of each timed run.
     ``clock``: wall time (default) or the calling thread's CPU time (``--clock cpu``, with ``--threads 1``
     so that torch computes on this thread: immune to other jobs on a shared machine, blind to the writer).
@@ -104,6 +110,10 @@ def run_loop(policy, batch, inferences: int, writer=None, sync=lambda: None, clo
             policy.select_action(batch)
         sync()
         times.append(clock() - start)
+    if written is not None:
+        start = clock()
+        written.flush()
+        return [(sum(times) + clock() - start) / len(times)]
     return times
 
 
@@ -172,13 +182,14 @@ def host_rss_gib() -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, clock=time.perf_counter) -> dict:
+def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, clock=time.perf_counter,
+            nice: int | None = None) -> dict:
     """Interleaved select_action loops per recorder configuration, into a real store per configuration.
 
     Returns per configuration: ``loop`` and ``caller`` (median seconds per model run, one per rep),
     ``busy`` (writer seconds per row), ``sizes`` (MB on disk per row), ``writer`` (GB/s of raw float32,
     deepest queue, seconds the loop waited), ``memory`` (host RSS after its loops and, on CUDA, peak
-    device memory during them, GiB).
+    device memory during them, GiB). ``nice``: the writers' ``nice`` (their encoding yields to the policy).
     """
     from attnstore.capture import AttentionRecorder
     from attnstore.store.writer import AttentionWriter, directory_bytes
@@ -194,7 +205,8 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, cloc
     memory: dict[str, dict[str, float]] = {name: {"host": 0.0, "device": 0.0} for name in configs}
     with tempfile.TemporaryDirectory(prefix="attnstore-bench-") as tmp:
         writers = {
-            name: AttentionWriter(Path(tmp) / f"{name.replace(' ', '_')}.zarr") for name in names if configs[name]
+            name: AttentionWriter(Path(tmp) / f"{name.replace(' ', '_')}.zarr", nice=nice)
+            for name in names if configs[name]
         }
         recorders = {
             name: AttentionRecorder(policy, w, layers=configs[name][0], summary=configs[name][1])
@@ -215,8 +227,9 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, cloc
 
                     torch.cuda.reset_peak_memory_stats()
                 with rec if rec is not None else contextlib.nullcontext():
-                    loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync, clock=clock)))
                     w = writers.get(name)
+                    loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync, clock=clock,
+                                                                 written=w)))
                     caller[name].append(
                         statistics.median(run_loop(policy, batch, inferences, writer=w, sync=sync, clock=clock))
                     )
@@ -286,7 +299,7 @@ def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
         )
         print(f"{name:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths[1:])))
     print(
-        "loop: end to end, writer thread encoding concurrently; caller: writer drained between runs "
+        "loop: end to end until the loop's rows are written (writer thread encoding concurrently); caller: writer drained between runs "
         "(the recorder's own cost); ratio: median over reps of the ratio to 'off' in the same rep; "
         "writer: its thread's encode+write time per stored row and GB/s of raw float32; queue: deepest / size; "
         "waited: seconds the loop was blocked on a full queue; host: RSS after the loops; device: peak allocated"
@@ -330,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: check compile_model=True with the recorder (first-call time, recompiles, actions vs eager)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--writer-nice", type=int, default=None,
+                        help="AttentionWriter(nice=N): the writer's encoding threads yield the CPU to the policy "
+                             "(0..19; default: not set). One value per run: zarr's threads keep it")
     parser.add_argument("--malloc", choices=("fixed", "glibc"), default="fixed",
                         help="fixed (default, Linux, when run as a script: the process re-executes itself with "
                              "fixed glibc malloc thresholds, see FIXED_MALLOC) or glibc (its dynamic default)")
@@ -378,12 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch_size:
         batch = make_batch(b, args.device)
         run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
-        result = measure(policy, batch, configs, args.reps, args.inferences, sync, clock=CLOCKS[args.clock])
+        result = measure(policy, batch, configs, args.reps, args.inferences, sync, clock=CLOCKS[args.clock],
+                         nice=args.writer_nice)
         print(
             f"tiny Pi0.5 ({depth} layers) on {where} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores), "
             f"B={b}, {args.reps} reps x {args.inferences} model runs x "
             f"{policy.config.n_action_steps} select_action calls, configurations interleaved, {args.clock} clock, "
-            f"malloc {'fixed' if os.environ.get('GLIBC_TUNABLES') == FIXED_MALLOC else 'glibc default'}"
+            f"malloc {'fixed' if os.environ.get('GLIBC_TUNABLES') == FIXED_MALLOC else 'glibc default'}, "
+            f"writer nice {args.writer_nice if args.writer_nice is not None else 'not set'}"
         )
         print_table(result, configs, scale=1, unit="s")
     print("command: HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_capture.py " + " ".join(sys.argv[1:]))
@@ -438,7 +456,8 @@ def bench_full_size(args) -> int:
         run_loop(policy, batch, 2, sync=sync)  # warm-up (first calls allocate and tune kernels)
         warmup_s = time.perf_counter() - started
         started = time.perf_counter()
-        result = measure(policy, batch, configs, args.reps, args.inferences, sync, clock=CLOCKS[args.clock])
+        result = measure(policy, batch, configs, args.reps, args.inferences, sync, clock=CLOCKS[args.clock],
+                         nice=args.writer_nice)
         measure_s = time.perf_counter() - started
         print(
             f"full-size Pi0.5 ({depth} layers{'' if depth == FULL_DEPTH else ', REDUCED: smoke run'}, "
