@@ -266,10 +266,12 @@ def test_the_writer_threads_torch_work_is_single_threaded_and_the_policys_is_not
 
 
 @pytest.mark.lerobot
+@pytest.mark.parametrize("device_path", [False, True], ids=["held", "device"])
 @pytest.mark.parametrize("keep_bad_row", [True, False])
-def test_held_path_refuses_a_non_finite_row_it_stores(tiny3, tmp_path, keep_bad_row):
-    """The held path quantises on the writer thread: a NaN in a stored row is refused with the writer's
-    message (nothing of that row written), a NaN in a row no longer recorded (finished env) is not."""
+def test_held_path_refuses_a_non_finite_row_it_stores(tiny3, tmp_path, keep_bad_row, device_path):
+    """The held path quantises on the writer thread, the device path on the device: a NaN in a stored row is
+    refused with the writer's message (nothing of that row written), a NaN in a row no longer recorded
+    (finished env) is not."""
     from attnstore.capture import AttentionRecorder
     from attnstore.capture.policies import adapter_for
     from attnstore.capture.tiny import example_model_batch
@@ -284,13 +286,20 @@ def test_held_path_refuses_a_non_finite_row_it_stores(tiny3, tmp_path, keep_bad_
     try:
         writer = AttentionWriter(path)
         with AttentionRecorder(tiny3, writer, layers="last:2") as rec, torch.inference_mode():
+            rec._device_path = device_path
             tiny3.reset()
             rec.set_active([True, keep_bad_row])
-            tiny3.select_action(example_model_batch(2))
-            if keep_bad_row:
-                with pytest.raises(WriterError, match="env step 0 of episode 1 has non-finite"):
+            message = "env step 0 of episode 1 has non-finite"
+            if keep_bad_row and device_path:  # on the CPU the device path checks its flags in the call itself
+                with pytest.raises(SchemaError, match=message):
+                    tiny3.select_action(example_model_batch(2))
+                writer.close()
+            elif keep_bad_row:  # the held path: on the writer thread, reported on the caller's next call
+                tiny3.select_action(example_model_batch(2))
+                with pytest.raises(WriterError, match=message):
                     writer.close()
             else:
+                tiny3.select_action(example_model_batch(2))
                 writer.close()
     finally:
         handle.remove()

@@ -6,8 +6,8 @@ writer thread runs (``ready_after``) to wait for them. On CPU the copies are pla
 On the device path (CUDA) the attention is quantised on the device before its one copy to the host
 (:func:`quantise_on_device`: the writer's round(p * 65535), bit for bit): half the bytes over PCIe and no
 cast on the writer thread. On the CPU's held path the writer thread quantises the model's probabilities
-straight into the host buffer (:func:`quantise_into`): no float32 copy, and the writer gets uint16. The host buffer then holds the uint16 bits as int16 (a cast every device
-supports) and is handed over as a uint16 view.
+straight into the host buffer (:func:`quantise_into`): no float32 copy, and the writer gets uint16. The host
+buffer then holds the uint16 bits as int16 (a cast every device supports) and is handed over as a uint16 view.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class BufferRing:
 
 def ready_after(event, host_times, spec: StoreSpec, nonfinite=None, where=None) -> Callable[[], None]:
     """Writer-thread callback: wait for the CUDA copies, then check the denoise times and, for attention
-    quantised on the device, its per-row non-finite flags (``where``: (episodes, env step) of the rows)."""
+    quantised on the device, its per-row non-finite flags (``where``: (episodes, env step, keep) of the
+    rows, as :func:`check_finite_flags` takes them)."""
 
     def ready() -> None:
         event.synchronize()
@@ -89,8 +90,8 @@ def ready_after(event, host_times, spec: StoreSpec, nonfinite=None, where=None) 
 
 def quantise_on_device(x):
     """(int16 bits of uint16 round(p * 65535), per-row non-finite flags) of attention ``x`` (B, ...), on
-    its device. The same float32 operations as :func:`attnstore.schema.encoding.quantise` (multiply,
-    add 0.5, clip, truncate), so the integers are bit-identical to the writer's.
+    its device (:func:`scale_for_uint16`, then int32 -> int16, a cast every device supports, which keeps
+    the low 16 bits).
 
     >>> import torch
     >>> bits, bad = quantise_on_device(torch.tensor([[0.0, 0.5, 1.0, 1.0000001, -1e-9]]))
@@ -99,19 +100,15 @@ def quantise_on_device(x):
     """
     import torch
 
-    from attnstore.schema.encoding import UINT16_SCALE
-
-    scaled = x.float() * float(UINT16_SCALE)  # a new tensor: x (the staging buffer) is left as it is
-    bad = ~torch.isfinite(scaled.reshape(scaled.shape[0], -1)).all(dim=1)
-    scaled.add_(0.5).clamp_(0.0, float(UINT16_SCALE))
-    return scaled.to(torch.int32).to(torch.int16), bad  # int32 -> int16 keeps the low 16 bits
+    scaled = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # x (the staging buffer) stays as it is
+    bad = scale_for_uint16(x, scaled)
+    return scaled.to(torch.int32).to(torch.int16), bad
 
 
 def quantise_into(dest, probs, scratch):
-    """Held path (CPU): write uint16 round(p * 65535) of ``probs`` (B, ...) into ``dest`` (a uint16 view of
-    the same shape) through the float32 ``scratch``, and return per-row non-finite flags (B,). Three
-    in-place passes and one reduction (the non-finite test is the row sum: NaN and inf survive it); the
-    same float32 operations as :func:`attnstore.schema.encoding.quantise`, so the integers are the writer's.
+    """Held path (CPU): uint16 round(p * 65535) of ``probs`` (B, ...) into ``dest`` (a uint16 view of the
+    same shape) through the float32 ``scratch`` (:func:`scale_for_uint16`); returns the per-row non-finite
+    flags (B,).
 
     >>> import torch
     >>> p = torch.tensor([[0.0, 0.5, 1.0, 1.0000001, -1e-9]])
@@ -119,14 +116,23 @@ def quantise_into(dest, probs, scratch):
     >>> quantise_into(dest, p, scratch).tolist(), dest.tolist()
     ([False], [[0, 32768, 65535, 65535, 0]])
     """
+    bad = scale_for_uint16(probs, scratch)
+    dest.copy_(scratch)  # float -> uint16 truncates, as numpy's astype does
+    return bad
+
+
+def scale_for_uint16(probs, out):
+    """``out`` (float32) = clip(p * 65535 + 0.5, 0, 65535), whose truncation is the stored integer, and the
+    per-row non-finite flags (B,) of ``probs`` (B, ...). The same float32 operations as
+    :func:`attnstore.schema.encoding.quantise` (multiply, add 0.5, clip), so the integers are bit-identical
+    to the writer's; the non-finite test is the row sum (NaN and inf survive it): one reduction."""
     import torch
 
     from attnstore.schema.encoding import UINT16_SCALE
 
-    torch.mul(probs, float(UINT16_SCALE), out=scratch)
-    bad = ~torch.isfinite(scratch.reshape(scratch.shape[0], -1).sum(dim=1))
-    scratch.add_(0.5).clamp_(0.0, float(UINT16_SCALE))
-    dest.copy_(scratch)  # float -> uint16 truncates, as numpy's astype does
+    torch.mul(probs, float(UINT16_SCALE), out=out)
+    bad = ~torch.isfinite(out.reshape(out.shape[0], -1).sum(dim=1))
+    out.add_(0.5).clamp_(0.0, float(UINT16_SCALE))
     return bad
 
 

@@ -159,12 +159,11 @@ def deferred_work(run: ModelRun, hooked: tuple[int, ...], spec: Any, plan: Any) 
     (quantised there, :func:`~attnstore.capture.buffers.quantise_into`, when the encoding stores uint16;
     copied as they are for float32), every summarised layer's summaries, then the references dropped and
     the non-finite rows refused with the writer's message."""
+    import torch
+
     stored = [(i, spec.layers.index(layer)) for i, layer in enumerate(hooked) if layer in spec.layers]
     summarised = [(i, spec.summary_layers.index(layer)) for i, layer in enumerate(hooked)
                   if layer in spec.summary_layers]
-
-    import torch
-
     held = run.buffers.staging
     host = run.buffers.attention
     quantised = host.dtype == torch.int16  # the uint16 bits of a quantised encoding

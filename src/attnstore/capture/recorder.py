@@ -381,9 +381,10 @@ class AttentionRecorder(RecorderHooks):
             # the writer thread waits for the non-blocking copies, then checks t (no sync here)
             event = torch.cuda.Event()
             event.record()
-            times, ready = None, ready_after(event, host["times"], spec, nonfinite, (run.episodes, run.env_step))
+            times, ready = None, ready_after(event, host["times"], spec, nonfinite,
+                                                  (run.episodes, run.env_step, run.keep))
         elif nonfinite is not None:
-            check_finite_flags(nonfinite, run.episodes, run.env_step)
+            check_finite_flags(nonfinite, run.episodes, run.env_step, run.keep)
         if deferred is not None:
             ready = deferred
         ids, mask = run.language

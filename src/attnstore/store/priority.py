@@ -6,10 +6,10 @@ much. With ``AttentionWriter(nice=N)`` the writer thread raises its own nice val
 zarr's event-loop thread (``zarr_io``) and of the worker threads where zarr runs its codecs (its own pool,
 ``zarr_pool_*``, or the loop's default executor, ``asyncio_*``); then it stops blosc's thread pool
 (:meth:`~attnstore.store.blosc_threads.BloscThreads.restart_pool`), which the next threaded compression, on
-one of those workers, starts again. Threads these create later
-(more workers, blosc's pool) inherit the value. The scheduler then runs the
-encoding in the gaps the policy leaves (a real evaluation leaves many: the simulation is single-threaded);
-when the writer still falls behind, the bounded queue slows the evaluation as before, never dropping data.
+one of those workers, starts again. Threads these create later (more workers, blosc's pool) inherit the
+value. The scheduler then runs the encoding in the gaps the policy leaves (a real evaluation leaves many:
+the simulation is single-threaded); when the writer still falls behind, the bounded queue slows the
+evaluation as before, never dropping data.
 
 Not the default: an unprivileged process cannot lower a nice value again, so zarr's threads keep it for
 the rest of the process (reads included, which only matters while the CPU is contended), and on a node
@@ -38,7 +38,9 @@ def check_nice(nice: int | None) -> int | None:
     ValueError: nice must be 0..19 (a higher value yields more CPU to the policy) or None, got -1
     """
     if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= MAX_NICE):
-        raise ValueError(f"nice must be 0..{MAX_NICE} (a higher value yields more CPU to the policy) or None, got {nice!r}")
+        raise ValueError(
+            f"nice must be 0..{MAX_NICE} (a higher value yields more CPU to the policy) or None, got {nice!r}"
+        )
     return nice
 
 
@@ -71,8 +73,3 @@ def yield_to_policy(nice: int) -> list[int]:
         except OSError:  # the thread ended, or the call is not allowed: the writer works as before
             continue
     return changed
-
-
-def thread_nice(tid: int) -> int:
-    """The nice value of thread ``tid`` of this process (Linux)."""
-    return os.getpriority(os.PRIO_PROCESS, tid)
