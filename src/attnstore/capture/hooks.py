@@ -44,7 +44,7 @@ class ModelRun:
     images: Any = None
     copied: bool = False
     summary: SummaryBuffers | None = None  # per-layer summaries, on the policy's device
-    valid: Any = None  # (B, K, R + 1) region one-hot + key validity on the device (SummaryPlan.key_valid)
+    valid: Any = None  # (B, K) key validity on the device (SummaryPlan.key_valid)
     staged: bool = False  # held (CPU) or device path: the stored layers and summaries are done once per run
     device_path: bool = False  # ... on the device, at the end of the run (else: on the writer thread)
 
