@@ -10,7 +10,9 @@ layers without and with the per-layer summaries of every layer, recorder on all 
 writes to a real Zarr store in a temporary directory (portable uint16 encoding, background writer
 thread). Reported: median seconds per model run end to end, until the loop's rows are written (writer
 encoding concurrently on the same cores, the final flush timed), the same with the writer drained
-between runs (the recorder's own cost on the caller's thread), ratios to no recorder, the writer thread's
+between runs (the recorder's cost on the caller's thread), ratios to no recorder, the seconds the
+recorder's own code ran on the caller's thread per model run (its hooks, start and end of the run, hand-over
+included: :func:`time_own_code`) and as a share of 'off', the writer thread's
 time per row and its throughput (GB/s of raw float32), the deepest its queue got, how long the loop
 waited for it, MB per row on disk, and peak host RSS (and on CUDA peak device memory) per configuration.
 ``--writer-nice N`` runs the writers with ``AttentionWriter(nice=N)`` (their encoding yields the CPU to
@@ -203,6 +205,8 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, cloc
     sizes: dict[str, float] = {}
     writer_stats: dict[str, dict[str, float]] = {}
     memory: dict[str, dict[str, float]] = {name: {"host": 0.0, "device": 0.0} for name in configs}
+    own_runs: dict[str, list[float]] = {name: [0.0, 0] for name in configs}  # own seconds, model runs
+    own_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="attnstore-bench-") as tmp:
         writers = {
             name: AttentionWriter(Path(tmp) / f"{name.replace(' ', '_')}.zarr", nice=nice)
@@ -212,6 +216,7 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, cloc
             name: AttentionRecorder(policy, w, layers=configs[name][0], summary=configs[name][1])
             for name, w in writers.items()
         }
+        own = {name: time_own_code(rec) for name, rec in recorders.items()}  # before attach: hooks wrapped too
         for rec in recorders.values():  # the first inference creates the store: not timed
             with rec:
                 policy.reset()
@@ -230,20 +235,63 @@ def measure(policy, batch, configs: dict, reps: int, inferences: int, sync, cloc
                     w = writers.get(name)
                     loop[name].append(statistics.median(run_loop(policy, batch, inferences, sync=sync, clock=clock,
                                                                  written=w)))
+                    spent, runs = (own[name][0], rec.inferences) if rec is not None else (0.0, 0)
                     caller[name].append(
                         statistics.median(run_loop(policy, batch, inferences, writer=w, sync=sync, clock=clock))
                     )
+                    if rec is not None:  # own code timed in the caller loops (no encoding alongside) only
+                        own_runs[name][0] += own[name][0] - spent
+                        own_runs[name][1] += rec.inferences - runs
                 mem = memory[name]
                 mem["host"] = max(mem["host"], host_rss_gib()[0])
                 if cuda:
                     mem["device"] = max(mem["device"], torch.cuda.max_memory_allocated() / 2**30)
+        for name in recorders:
+            own_s[name] = own_runs[name][0] / max(own_runs[name][1], 1)
         for name, w in writers.items():
             stats = w.close()
             busy[name].append(stats.busy_seconds / max(stats.rows, 1))
             sizes[name] = directory_bytes(w.path) / 1e6 / max(stats.rows, 1)
             writer_stats[name] = {"gb_s": stats.attention_mb_per_s / 1e3, "queue": stats.max_queue_depth,
                                   "queue_size": stats.queue_size, "waited": stats.wait_seconds}
-    return {"loop": loop, "caller": caller, "busy": busy, "sizes": sizes, "writer": writer_stats, "memory": memory}
+    return {"loop": loop, "caller": caller, "busy": busy, "sizes": sizes, "writer": writer_stats, "memory": memory,
+            "own": own_s}
+
+
+def time_own_code(rec) -> list[float]:
+    """Wrap a recorder (before it attaches) so that the seconds its own code runs on the caller's thread
+    add up in the returned one-element list: its hooks, the start (``_begin``) and the end (``_finish``,
+    hand-over to the writer included) of every model run. Unlike a ratio of two loop timings this is not
+    drowned by the machine's noise; on CUDA it is the host side (launches), which is the caller's cost.
+
+    >>> class Rec:
+    ...     def _begin(self, batch): return batch
+    ...     def _finish(self, run, actions): return None
+    ...     def _make_expert_hook(self, *slots): return lambda *a: sum(slots)
+    ...     def _make_prefix_hook(self, *slots): return lambda *a: None
+    >>> rec = Rec(); spent = time_own_code(rec)
+    >>> rec._begin(1), rec._make_expert_hook(1, 2)("module"), spent[0] > 0
+    (1, 3, True)
+    """
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return wrapper
+
+    def timed_factory(make):
+        return lambda *slots: timed(make(*slots))
+
+    rec._begin, rec._finish = timed(rec._begin), timed(rec._finish)
+    rec._make_expert_hook = timed_factory(rec._make_expert_hook)
+    rec._make_prefix_hook = timed_factory(rec._make_prefix_hook)
+    return spent
 
 
 def paired_ratio(times: dict[str, list[float]], name: str) -> float:
@@ -267,6 +315,8 @@ def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
         "ratio",
         f"caller {unit}/run",
         "ratio",
+        "own ms/run",
+        "own %",
         f"writer {unit}/row",
         "writer GB/s",
         "queue",
@@ -276,7 +326,7 @@ def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
         *(("device GiB",) if device else ()),
     )
     # widths of the seconds table, widened where a header would touch its neighbour
-    widths = [max(w, len(h) + 1) for w, h in zip((19, 11, 7, 13, 7, 13, 12, 7, 9, 8, 9, 11), heads)]
+    widths = [max(w, len(h) + 1) for w, h in zip((19, 11, 7, 13, 7, 11, 7, 13, 12, 7, 9, 8, 9, 11), heads)]
     print(f"{heads[0]:<{widths[0]}}" + "".join(f"{h:>{w}}" for h, w in zip(heads[1:], widths[1:])))
     for name in configs:
         lm, cm = statistics.median(loop[name]) * scale, statistics.median(caller[name]) * scale
@@ -289,6 +339,8 @@ def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
             f"{paired_ratio(loop, name):.3f}",
             f"{cm:.{digits}f}",
             f"{paired_ratio(caller, name):.3f}",
+            f"{result['own'][name] * 1e3:.2f}" if name in result.get("own", {}) else "-",
+            f"{100 * result['own'][name] / statistics.median(caller['off']):.1f}" if name in result.get("own", {}) else "-",
             wb,
             f"{ws['gb_s']:.2f}" if ws else "-",
             f"{ws['queue']}/{ws['queue_size']}" if ws else "-",
@@ -300,7 +352,9 @@ def print_table(result: dict, configs: dict, scale: float, unit: str) -> None:
         print(f"{name:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths[1:])))
     print(
         "loop: end to end until the loop's rows are written (writer thread encoding concurrently); caller: writer drained between runs "
-        "(the recorder's own cost); ratio: median over reps of the ratio to 'off' in the same rep; "
+        "(the recorder's cost on the caller's thread); ratio: median over reps of the ratio to 'off' in the same rep; "
+        "own: the recorder's code on the caller's thread per model run in the caller loops (hooks, start, end, hand-over), "
+        "% of off's caller time; "
         "writer: its thread's encode+write time per stored row and GB/s of raw float32; queue: deepest / size; "
         "waited: seconds the loop was blocked on a full queue; host: RSS after the loops; device: peak allocated"
     )

@@ -163,8 +163,10 @@ def model_batch(batch_size: int = 2):
     return batch
 
 
-def record(policy, path, *, staged=None, inferences=2, **kwargs):
-    """A store of ``inferences`` model runs (B=2) and the attention handed to the writer (float32)."""
+def record(policy, path, *, staged=None, inferences=3, **kwargs):
+    """A store of ``inferences`` model runs (B=2) and the attention handed to the writer (float32). The
+    writer is drained after each run, so every run reuses the first run's host and summary buffers: a
+    summary left unwritten by a run would be the previous run's, and differ from its attention."""
     from attnstore.capture import AttentionRecorder
     from attnstore.store.writer import AttentionWriter
 
@@ -184,8 +186,11 @@ def record(policy, path, *, staged=None, inferences=2, **kwargs):
             rec._stage_summaries = staged
             policy.reset()
             torch.manual_seed(0)
-            for _ in range(inferences * policy.config.n_action_steps):
-                policy.select_action(batch)
+            for _ in range(inferences):
+                for _ in range(policy.config.n_action_steps):
+                    policy.select_action(batch)
+                writer.flush()
+            assert len(rec._ring) == 1  # one set of buffers, reused by every run
     return seen
 
 
@@ -208,7 +213,7 @@ def test_summaries_exist_for_every_layer_and_match_the_full_attention(last2_stor
     assert ds[S.LAYER].values.tolist() == [1, 3]
     assert ds[V.REGION].values.tolist() == ["image", "image2", "empty_camera_0", "language", "action"]
     n = ds.sizes[S.INFERENCE]
-    assert n == 4  # 2 model runs x B=2
+    assert n == 6  # 3 model runs x B=2
     mass = ds[V.SUMMARY_REGION_MASS].values.astype(np.float64)
     assert mass.dtype == np.float64 and ds[V.SUMMARY_REGION_MASS].dtype == np.float16
     np.testing.assert_allclose(mass.sum(-1), 1.0, atol=5e-3)  # every layer's rows sum to 1

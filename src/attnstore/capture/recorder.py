@@ -31,7 +31,7 @@ from attnstore.capture.buffers import BufferRing, HostBuffers, check_finite_flag
 from attnstore.capture.episodes import EpisodeBook
 from attnstore.capture.hooks import ModelRun, RecorderHooks, host_attention, slot
 from attnstore.capture.policies import adapter_for
-from attnstore.capture.summary import SummaryBuffers, SummaryPlan
+from attnstore.capture.summary import SummaryPlan
 from attnstore.selection import Selection, parse_denoise_steps, parse_layers
 from attnstore.errors import CaptureError
 from attnstore.schema import StoreSpec
@@ -276,15 +276,17 @@ class AttentionRecorder(RecorderHooks):
         if self.spec.summary_layers or self.spec.summary_prefix_layers:
             if self._plan is None or self._plan.device != tokens.device:
                 self._plan = SummaryPlan(self.spec.layout, tokens.device)
-            summary = SummaryBuffers.allocate(self.spec, b, tokens.device)
             valid = self._plan.key_valid(mask_tensor.detach())
         staged = True if self._stage_summaries is None else self._stage_summaries
         device_path = staged and (tokens.device.type == "cuda" if self._device_path is None else self._device_path)
+        buffers = self._next_buffers(b, tokens.device, bool(staged))
+        if valid is not None:
+            summary = buffers.summaries(self.spec, tokens.device)
         run = ModelRun(
             episodes=episodes,
             env_step=self.episodes.env_step,
             keep=keep,
-            buffers=self._next_buffers(b, tokens.device, bool(staged)),
+            buffers=buffers,
             language=(np.where(mask, ids, S.LANGUAGE_PAD_ID).astype(np.int32), mask),
             state=batch[OBS_STATE] if S.STATE in self.spec.extra_shapes else None,
             summary=summary,

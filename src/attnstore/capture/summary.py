@@ -194,6 +194,14 @@ class SummaryBuffers:
                 setattr(out, field, torch.zeros((batch_size, *shape), dtype=dtype, device=device))
         return out
 
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.variables().values())).shape[0])
+
+    @property
+    def device(self) -> Any:
+        return next(iter(self.variables().values())).device
+
     def variables(self) -> dict[str, Any]:
         """Variable name -> tensor, for the InferenceBatch (absent ones left out)."""
         return {name: getattr(self, field) for field, name in _FIELDS.items() if getattr(self, field) is not None}
