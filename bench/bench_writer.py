@@ -11,7 +11,7 @@ same ``--rows`` model runs (B = ``--batch-size``, 10 denoise x ``--layers`` laye
 
 * ``previous``: float32 handed over, the writer thread quantises (``schema.encoding.quantise``), copies the
   kept rows, checks finiteness, zarr compares every chunk with the fill value, blosc single-threaded with
-  its automatic block size;
+  its automatic block size, every array resized and written one after the other;
 * ``current, float32 in``: the same float32 hand-over (the CPU recorder's path) on the current writer:
   no fill-value pass, no row copy when every row is kept, blosc on ``encode_threads`` = the cores;
 * ``current, uint16 in``: attention quantised on the device (the recorder's CUDA path): the writer only
@@ -19,6 +19,8 @@ same ``--rows`` model runs (B = ``--batch-size``, 10 denoise x ``--layers`` laye
 * ``uint16 in, blosc automatic blocksize``: the same with blosc's automatic block size (small blocks for
   zstd level 1, as ``previous`` and every store before ``schema.encoding.BLOSC_BLOCKSIZE``) instead of the
   current 1 MiB: a codec parameter the reader never needs (the frames say it); the two differ only in it.
+* ``uint16 in, one array at a time``: the same with every array's resize and write as its own round trip
+  to zarr's event loop (``previous`` too), instead of ``writer.together``'s concurrent ones.
 
 Reported per variant and core count (medians over rounds): writer MB/s of raw float32 equivalent (float32
 bytes / writer-thread busy time), the same per CPU-second of the process (``time.process_time``: every
@@ -46,7 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/synthetic.py
 POOL = 4
-VARIANTS = ("previous", "current, float32 in", "current, uint16 in", "uint16 in, blosc automatic blocksize")
+VARIANTS = ("previous", "current, float32 in", "current, uint16 in", "uint16 in, blosc automatic blocksize",
+            "uint16 in, one array at a time")
 
 
 def bench_spec(layers: int):
@@ -71,16 +74,26 @@ def variant_settings(name: str, cores: int):
     from attnstore import schema
     from attnstore.store import writer as W
 
-    saved_config, saved_codecs = W.ARRAY_CONFIG, schema.attention_codecs
+    saved_config, saved_codecs, saved_together = W.ARRAY_CONFIG, schema.attention_codecs, W.together
     threads = 1 if name == "previous" else cores
     if name == "previous":
         W.ARRAY_CONFIG = {}
     if name == "previous" or name.endswith("automatic blocksize"):  # blocksize 0: blosc's choice, as before
         schema.attention_codecs = _with_blocksize(saved_codecs, 0)
+    if name == "previous" or name.endswith("one array at a time"):  # each resize and write its own round trip
+        W.together = _one_at_a_time
     try:
         yield threads
     finally:
-        W.ARRAY_CONFIG, schema.attention_codecs = saved_config, saved_codecs
+        W.ARRAY_CONFIG, schema.attention_codecs, W.together = saved_config, saved_codecs, saved_together
+
+
+def _one_at_a_time(coroutines) -> None:
+    """The writer before ``together``: every array's resize, then every array's write, one after the other."""
+    from zarr.core.sync import sync
+
+    for coro in coroutines:
+        sync(coro)
 
 
 def _with_blocksize(attention_codecs, blocksize: int):
