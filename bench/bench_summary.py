@@ -13,7 +13,8 @@ then, on one thread as the CPU writer thread runs them (``torch.set_num_threads(
 * ``previous``: the formulation it replaced, kept here for the side-by-side figure: the region masses and
   the valid mass as one matmul with a (K, R + 1) one-hot, a clamp and torch's log;
 * ``current, torch log``: the current one with torch's log (what runs on CUDA), to show where the time went;
-* ``quantise``: the held path's uint16 quantisation of one block, for scale.
+* ``quantise``: the held path's uint16 quantisation of one block, for scale (per model run: every layer,
+  as ``--attention.layers=all`` stores them).
 
 Reported: median ms per block, ms per model run (every hooked layer x denoise step: what the writer thread
 spends on the summaries of one model run), and that as a share of the model run itself (median wall time of
