@@ -114,12 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     config.device, config.dtype = "cpu", "float32"
     policy = build_tiny_policy(config, seed=0, dims=dims)
     batch = bench_capture.make_batch(args.batch_size)
-    threads = torch.get_num_threads()
+    threads = args.model_threads = torch.get_num_threads()
     model_run_seconds(policy, batch, 2)  # warm-up
     wall, cpu = model_run_seconds(policy, batch, max(args.repeats // 3, 5))
     blocks, layout, mask = capture_blocks(policy, batch)
 
-    torch.set_num_threads(1)  # as the writer thread runs them
+    torch.set_num_threads(1)  # as the writer thread runs them (restored at the end: main() may run in a test)
+    try:
+        return _time_variants(args, summ, quantise_into, blocks, layout, mask, wall, cpu)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_variants(args, summ, quantise_into, blocks, layout, mask, wall: float, cpu: float) -> int:
+    import torch
+
     plan = summ.SummaryPlan(layout, "cpu")
     valid = plan.key_valid(mask)
     onehot = torch.zeros(layout.num_keys, len(layout.regions))
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - start)
     n = len(blocks)
     print(f"tiny Pi0.5 (6 layers), B={args.batch_size}: {n} blocks per model run ({tuple(block.shape)} float32 each); "
-          f"model run {wall * 1e3:.1f} ms wall on {threads} torch threads, {cpu * 1e3:.1f} ms CPU; "
+          f"model run {wall * 1e3:.1f} ms wall on {args.model_threads} torch threads, {cpu * 1e3:.1f} ms CPU; "
           f"summaries on 1 thread, {args.repeats} interleaved rounds, medians")
     print()
     print("| variant | ms per block | ms per model run | % of the model run's wall | % of its CPU | vs current |")
