@@ -161,9 +161,10 @@ def deferred_work(run: ModelRun, hooked: tuple[int, ...], spec: Any, plan: Any) 
     the non-finite rows refused with the writer's message."""
     import torch
 
-    stored = [(i, spec.layers.index(layer)) for i, layer in enumerate(hooked) if layer in spec.layers]
-    summarised = [(i, spec.summary_layers.index(layer)) for i, layer in enumerate(hooked)
-                  if layer in spec.summary_layers]
+    # per hooked layer: (its slot among the stored layers, among the summarised ones), -1 = not; a layer's
+    # quantisation and summary run back to back, while its probabilities are still in the cache
+    slots = [(spec.layers.index(layer) if layer in spec.layers else -1,
+              spec.summary_layers.index(layer) if layer in spec.summary_layers else -1) for layer in hooked]
     held = run.buffers.staging
     host = run.buffers.attention
     quantised = host.dtype == torch.int16  # the uint16 bits of a quantised encoding
@@ -175,19 +176,18 @@ def deferred_work(run: ModelRun, hooked: tuple[int, ...], spec: Any, plan: Any) 
         with torch.inference_mode():
             bits = host.view(torch.uint16) if quantised else None
             scratch, bad = None, None
+            summaries = run.summary is not None and run.summary.region_mass is not None
             for d, layers in enumerate(held):
-                for i, slot in stored:
-                    if bits is None:
-                        host[:, d, slot].copy_(layers[i])
-                        continue
-                    if scratch is None:
-                        scratch = torch.empty(layers[i].shape, dtype=torch.float32)
-                    flags = quantise_into(bits[:, d, slot], layers[i], scratch)
-                    bad = flags if bad is None else bad | flags
-                if run.summary is None or run.summary.region_mass is None:
-                    continue
-                for i, slot in summarised:
-                    put_summary(run.summary, (slice(None), d, slot), plan.expert(layers[i], run.valid))
+                for probs, (stored, summarised) in zip(layers, slots):
+                    if stored >= 0 and bits is None:
+                        host[:, d, stored].copy_(probs)
+                    elif stored >= 0:
+                        if scratch is None:
+                            scratch = torch.empty(probs.shape, dtype=torch.float32)
+                        flags = quantise_into(bits[:, d, stored], probs, scratch)
+                        bad = flags if bad is None else bad | flags
+                    if summarised >= 0 and summaries:
+                        put_summary(run.summary, (slice(None), d, summarised), plan.expert(probs, run.valid))
         held.clear()  # the model's tensors can go
         if bad is not None:
             check_finite_flags(bad, run.episodes, run.env_step, run.keep)
