@@ -339,9 +339,10 @@ class AttentionWriter:
         The resizes run concurrently on zarr's event loop, then the data writes (one round trip each instead
         of one per array: ~18 ms less per row of 13 arrays on 2 cores), and only then the marker."""
         n = n0 + len(marks)
-        arrays = self._arrays
-        together(arr.async_array.resize((n, *arr.shape[1:])) for arr in (arrays[k] for k in (*data, marker)))
-        together(arrays[name].async_array.setitem(slice(n0, n), values) for name, values in data.items())  # data first ...
+        grown = [self._arrays[name] for name in (*data, marker)]
+        together(arr.async_array.resize((n, *arr.shape[1:])) for arr in grown)
+        together(self._arrays[name].async_array.setitem(slice(n0, n), values)  # data first ...
+                 for name, values in data.items())
         self._arrays[marker][n0:n] = marks  # ... commit marker last
         self._snapshot.commit({name: self._arrays[name].shape for name in (*data, marker)})  # ... then show it
 
