@@ -16,7 +16,8 @@ Definitions (what the readers compute from full attention, see :mod:`attnstore.r
 Everything is float32 on the device, stored as float16 (relative error <= 2**-11, zeros exact). The
 functions are torch, so they run where the model runs (CUDA or CPU), in a few passes over the keys: slice
 sums for the masses, one log (numpy's on the CPU, several times faster than torch's eager one there) and
-two product-sums for the entropy, one mean for the grids (0.38 ms per 8 x 50 x 1018 block on one core).
+two product-sums for the entropy, one mean for the grids (~0.4 ms per 8 x 50 x 1018 block on one core,
+``bench/bench_summary.py``).
 
 >>> import torch
 >>> from attnstore.schema import TokenLayout
@@ -160,7 +161,7 @@ def _log_tiny(p, tiny: float, out):
     import numpy as np
 
     dest = out.numpy()
-    np.log(np.add(p.numpy(), np.float32(tiny), out=dest), out=dest)
+    np.log(np.add(p.detach().numpy(), np.float32(tiny), out=dest), out=dest)  # detach: a grad-mode caller too
     return out
 
 
