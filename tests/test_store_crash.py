@@ -98,7 +98,12 @@ def run_and_kill(path: Path, kill_after_commit: int, delay: float, *, mode="crea
                 proc.send_signal(signal.SIGKILL)
                 break
             assert time.monotonic() < deadline, "child too slow"
-        rest, err = proc.communicate(timeout=60)  # whatever it printed before the kill landed
+        # whatever it printed before the kill landed, read through the same file object: communicate()
+        # would read the pipe's descriptor directly and lose what the line iterator had buffered (or
+        # hand back half a line)
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
