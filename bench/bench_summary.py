@@ -8,11 +8,12 @@ that keep its real probabilities (B x 8 heads x 50 action tokens x 1018 keys per
 then, on one thread as the CPU writer thread runs them (``torch.set_num_threads(1)``), interleaved over
 ``--repeats`` rounds:
 
-* ``current``: :meth:`attnstore.capture.summary.SummaryPlan.expert` (slice sums, numpy's log, two
-  product-sums, one mean);
+* ``current``: :meth:`attnstore.capture.summary.SummaryPlan.expert` (slice sums, the log
+  :func:`~attnstore.capture.summary.cpu_log` chose on this CPU, two product-sums, one mean);
 * ``previous``: the formulation it replaced, kept here for the side-by-side figure: the region masses and
   the valid mass as one matmul with a (K, R + 1) one-hot, a clamp and torch's log;
-* ``current, torch log``: the current one with torch's log (what runs on CUDA), to show where the time went;
+* ``current with <other>'s log``: the current one with the log cpu_log did not choose (numpy's or torch's;
+  torch's is what runs on CUDA);
 * ``quantise``: the held path's uint16 quantisation of one block, for scale (per model run: every layer,
   as ``--attention.layers=all`` stores them).
 
@@ -139,18 +140,21 @@ def _time_variants(args, summ, quantise_into, blocks, layout, mask, wall: float,
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     dest, scratch = torch.empty(block.shape, dtype=torch.uint16), torch.empty(block.shape)
 
-    def torch_log():
-        summ._log_tiny = lambda p, tiny, out: summ._log_tiny_torch(p, tiny, out)
+    chosen = summ.cpu_log()
+    logs = {summ._log_tiny_numpy: "numpy", summ._log_tiny_torch: "torch"}
+
+    def other_log():
+        summ._CPU_LOG[0] = other
         try:
             plan.expert(block, valid)
         finally:
-            summ._log_tiny = numpy_log
+            summ._CPU_LOG[0] = chosen
 
-    numpy_log = summ._log_tiny
+    other = next(f for f in logs if f is not chosen)
     variants = {
-        "current": lambda: plan.expert(block, valid),
+        f"current ({logs[chosen]} log, chosen)": lambda: plan.expert(block, valid),
         "previous": lambda: previous_expert(plan, onehot, block, valid),
-        "current, torch log": torch_log,
+        f"current with {logs[other]}'s log": other_log,
         "quantise (held path)": lambda: quantise_into(dest, block, scratch),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -166,7 +170,7 @@ def _time_variants(args, summ, quantise_into, blocks, layout, mask, wall: float,
     print()
     print("| variant | ms per block | ms per model run | % of the model run's wall | % of its CPU | vs current |")
     print("|---|---|---|---|---|---|")
-    cur = statistics.median(times["current"])
+    cur = statistics.median(next(iter(times.values())))
     for name, ts in times.items():
         per = statistics.median(ts)
         print(f"| {name} | {per * 1e3:.3f} | {per * n * 1e3:.1f} | {100 * per * n / wall:.1f} | "

@@ -30,6 +30,9 @@ def test_short_run_prints_every_variant(capsys):
     out = capsys.readouterr().out
     assert "60 blocks per model run ((1, 8, 50, 1018) float32 each)" in out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
-    assert {"current", "previous", "current, torch log", "quantise (held path)"} <= set(rows)
+    names = set(rows)
+    assert {"previous", "quantise (held path)"} <= names, names
+    assert len([n for n in names if n.startswith("current (") and n.endswith(" log, chosen)")]) == 1, names
+    assert len([n for n in names if n.startswith("current with ")]) == 1, names
     assert all(float(cells[0]) > 0 for name, cells in rows.items() if name != "variant")
 

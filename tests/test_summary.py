@@ -98,6 +98,22 @@ def test_batched_over_layers_equals_one_layer_at_a_time(device):
             torch.testing.assert_close(b[:, layer], s, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("log", ["numpy", "torch"])
+@pytest.mark.parametrize("n_valid", [[2, 4], [0, 0]])
+def test_either_cpu_log_gives_the_float64_entropy(log, n_valid, monkeypatch):
+    """cpu_log picks numpy's or torch's log by timing: each must give the recomputed entropies (language
+    padding in every row, or none)."""
+    from attnstore.capture import summary
+
+    monkeypatch.setattr(summary, "_CPU_LOG", [getattr(summary, f"_log_tiny_{log}")])
+    rng = np.random.default_rng(3)
+    att, valid = random_attention(rng, LAYOUT, (2, 5), n_valid)
+    plan = SummaryPlan(LAYOUT, "cpu")
+    rows = plan.key_valid(torch.as_tensor(valid[:, LAYOUT.region_slice("language")]))
+    ent = plan.expert(torch.as_tensor(att), rows)[1].numpy()
+    np.testing.assert_allclose(ent, reference(att, valid, LAYOUT)["entropy"], rtol=1e-5, atol=1e-5)
+
+
 def test_entropy_of_uniform_rows_and_of_rows_without_mass():
     lay = TokenLayout(("image",), (True,), grid_rows=1, grid_cols=2, num_language=2, num_action=1)
     plan = SummaryPlan(lay, "cpu")

@@ -15,9 +15,9 @@ Definitions (what the readers compute from full attention, see :mod:`attnstore.r
 
 Everything is float32 on the device, stored as float16 (relative error <= 2**-11, zeros exact). The
 functions are torch, so they run where the model runs (CUDA or CPU), in a few passes over the keys: slice
-sums for the masses, one log (numpy's on the CPU, several times faster than torch's eager one there) and
-two product-sums for the entropy, one mean for the grids (~0.4 ms per 8 x 50 x 1018 block on one core,
-``bench/bench_summary.py``).
+sums for the masses, one log (on the CPU numpy's or torch's, whichever is faster there: :func:`cpu_log`)
+and two product-sums for the entropy, one mean for the grids (0.4-2 ms per 8 x 50 x 1018 block
+on one core, depending on the CPU: ``bench/bench_summary.py``).
 
 >>> import torch
 >>> from attnstore.schema import TokenLayout
@@ -34,6 +34,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from attnstore.schema import StoreSpec, TokenLayout
 
@@ -147,19 +149,20 @@ def _entropy(p, valid, scratch):
 def _log_tiny(p, tiny: float, out):
     """``out`` = log(p + tiny), float32: a zero becomes the smallest normal float, so 0 * log(tiny) = 0 (no
     log(0), no NaN); p >= 2e-31 is unchanged by the addition, a smaller p's p log p moves by < 1e-29. On the
-    CPU through numpy, whose vectorised log is ~4x torch's eager one there (0.14 ms against 0.38 ms for an
-    8 x 50 x 1018 block, one core); elsewhere torch.
+    CPU through :func:`cpu_log` (numpy's or torch's, whichever is faster here); elsewhere torch.
 
     >>> import torch
     >>> p, tiny = torch.tensor([1.0, 0.5, 1e-20, 0.0]), torch.finfo(torch.float32).tiny
-    >>> got, want = _log_tiny(p, tiny, torch.empty(4)), _log_tiny_torch(p, tiny, torch.empty(4))
+    >>> got, want = _log_tiny_numpy(p, tiny, torch.empty(4)), _log_tiny_torch(p, tiny, torch.empty(4))
     >>> torch.allclose(got, want, rtol=1e-6), round(float(got[-1]), 2)
     (True, -87.34)
     """
     if p.device.type != "cpu":
         return _log_tiny_torch(p, tiny, out)
-    import numpy as np
+    return cpu_log()(p, tiny, out)
 
+
+def _log_tiny_numpy(p, tiny: float, out):
     dest = out.numpy()
     np.log(np.add(p.detach().numpy(), np.float32(tiny), out=dest), out=dest)  # detach: a grad-mode caller too
     return out
@@ -169,6 +172,43 @@ def _log_tiny_torch(p, tiny: float, out):
     import torch
 
     return torch.add(p, tiny, out=out).log_()
+
+
+_CPU_LOG: list[Any] = []  # the log cpu_log chose, once per process
+
+
+def cpu_log():
+    """The faster of numpy's and torch's float32 log on this CPU, timed once per process on an 8 x 50 x 1018
+    block (~10 ms, on the thread that first summarises: the CPU writer thread, single-threaded torch).
+
+    Which one wins depends on the CPU: on one 2-core VM numpy's log took 0.14 ms a block against torch's
+    0.38; on an AVX2-only AMD EPYC one the summaries with torch's log take 2.02 ms a block against 2.28
+    with numpy's (``bench/bench_summary.py`` shows both). The two agree to float32 rounding; the
+    summaries are stored as float16.
+
+    >>> cpu_log() in (_log_tiny_numpy, _log_tiny_torch) and cpu_log() is cpu_log()
+    True
+    """
+    if not _CPU_LOG:
+        _CPU_LOG.append(fastest((_log_tiny_numpy, _log_tiny_torch)))
+    return _CPU_LOG[0]
+
+
+def fastest(logs, shape=(8, 50, 1018), rounds: int = 3):
+    """The function of ``logs`` with the smallest time of ``rounds`` interleaved calls on random ``shape``."""
+    import time
+
+    import torch
+
+    p = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    out, tiny = torch.empty(shape), float(torch.finfo(torch.float32).tiny)
+    best = {f: float("inf") for f in logs}
+    for _ in range(rounds):
+        for f in logs:
+            start = time.perf_counter()
+            f(p, tiny, out)
+            best[f] = min(best[f], time.perf_counter() - start)
+    return min(logs, key=best.__getitem__)
 
 
 @dataclass
